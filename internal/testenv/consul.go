@@ -1,0 +1,170 @@
+package testenv
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"os/exec"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Consul is a Consul dev agent started for one test, listening on 127.0.0.1 only.
+type Consul struct {
+	t    testing.TB
+	bin  string
+	Addr string // host:port of the HTTP API
+
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	out  *bytes.Buffer
+	args []string
+}
+
+// StartConsul starts `consul agent -dev` on free ports and waits until it has a leader.
+// The agent is stopped when the test ends.
+func StartConsul(t testing.TB) *Consul {
+	t.Helper()
+	bin := ConsulBin(t)
+	httpPort := FreePort(t)
+	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
+	c.args = []string{"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
+		"-node", "test-node", "-log-level", "warn",
+		"-http-port", strconv.Itoa(httpPort),
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+		"-serf-lan-port", strconv.Itoa(FreePort(t)),
+		"-serf-wan-port", strconv.Itoa(FreePort(t)),
+		"-server-port", strconv.Itoa(FreePort(t)),
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	return c
+}
+
+// Start (re)starts the agent on the same ports and waits until it has a leader. A dev agent
+// keeps its data in memory: a restarted agent is empty.
+func (c *Consul) Start() {
+	c.t.Helper()
+	c.mu.Lock()
+	if c.cmd != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.out = &bytes.Buffer{}
+	cmd := exec.Command(c.bin, c.args...)
+	cmd.Stdout = c.out
+	cmd.Stderr = c.out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		c.mu.Unlock()
+		c.t.Fatalf("start consul: %v", err)
+	}
+	c.cmd = cmd
+	c.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	for {
+		if leader, err := c.get(ctx, "/v1/status/leader"); err == nil && len(leader) > 4 {
+			// The catalog answers once the node has registered itself.
+			if nodes, err := c.get(ctx, "/v1/catalog/nodes"); err == nil && bytes.Contains(nodes, []byte("test-node")) {
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			c.Stop()
+			c.t.Fatalf("consul did not become ready within 60s; its output:\n%s", c.Output())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// Stop ends the agent and waits for it (bounded).
+func (c *Consul) Stop() {
+	c.mu.Lock()
+	cmd := c.cmd
+	c.cmd = nil
+	c.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-done
+	}
+}
+
+// Output is what the agent printed so far.
+func (c *Consul) Output() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.out == nil {
+		return ""
+	}
+	return c.out.String()
+}
+
+// URL is the agent's HTTP API base URL.
+func (c *Consul) URL() string { return "http://" + c.Addr }
+
+func (c *Consul) get(ctx context.Context, path string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL()+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return b.Bytes(), nil
+}
+
+// RegisterService registers an instance of a service in the agent's catalog, with no health check
+// (so it counts as passing), and fails the test on error.
+func (c *Consul) RegisterService(name, id, address string, port int) {
+	c.t.Helper()
+	body := fmt.Sprintf(`{"ID":%q,"Name":%q,"Address":%q,"Port":%d}`, id, name, address, port)
+	c.put("/v1/agent/service/register", body)
+}
+
+// DeregisterService removes an instance from the agent's catalog.
+func (c *Consul) DeregisterService(id string) {
+	c.t.Helper()
+	c.put("/v1/agent/service/deregister/"+id, "")
+}
+
+func (c *Consul) put(path, body string) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.URL()+path, bytes.NewBufferString(body))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		c.t.Fatalf("PUT %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var b bytes.Buffer
+		_, _ = b.ReadFrom(resp.Body)
+		c.t.Fatalf("PUT %s: %s %s", path, resp.Status, b.String())
+	}
+}
