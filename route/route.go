@@ -117,8 +117,27 @@ const (
 	ParamSkipCheck     = "skipCheck"
 )
 
+// Unsupported lists the original product's reconfigure parameters that this version does not
+// implement. A request that sets one is refused rather than served with a different meaning.
+var Unsupported = []string{
+	"reqPathSearch", "reqPathReplace", "users", "usersPassEncrypted", "httpsOnly", "redirectWhenHttpProto",
+	"xForwardedProto", "addHeader", "setHeader", "timeoutServer", "timeoutTunnel", "aclName",
+	"serviceDomainMatchAll", "outboundHostname", "serviceCert", "reqMode", "srcPort", "port",
+	"templateFePath", "templateBePath", "consulTemplateFePath", "consulTemplateBePath",
+}
+
 // FromQuery reads and validates a reconfigure request's query.
 func FromQuery(q url.Values) (Route, error) {
+	for _, p := range Unsupported {
+		if q.Get(p) != "" {
+			return Route{}, paramErr(p, "is not supported by this version of docker-flow-proxy")
+		}
+	}
+	for k := range q {
+		if i := strings.IndexByte(k, '.'); i > 0 && q.Get(k) != "" {
+			return Route{}, paramErr(k, "indexed destinations are not supported by this version of docker-flow-proxy")
+		}
+	}
 	for _, p := range []string{ParamServiceName, ParamServiceColor, ParamPathType, ParamSkipCheck} {
 		if len(q[p]) > 1 {
 			return Route{}, paramErr(p, "given %d times; give it once", len(q[p]))
@@ -206,6 +225,9 @@ func (r Route) Validate() error {
 	return nil
 }
 
+// ValidateServiceName checks a service name on its own, as remove requests carry only that.
+func ValidateServiceName(v string) error { return validateName(ParamServiceName, v, true) }
+
 func validateName(param, v string, required bool) error {
 	switch {
 	case v == "" && required:
@@ -246,12 +268,18 @@ func validatePath(t PathType, p string) error {
 	if len(p) > MaxPathLength {
 		return paramErr(ParamServicePath, "has a path longer than %d characters", MaxPathLength)
 	}
-	if c, ok := forbiddenChar(p); ok {
+	checked := p
+	if t == PathReg {
+		// A regex may end with the '$' anchor: the renderer single-quotes regexes, and HAProxy
+		// expands nothing inside single quotes. Anywhere else '$' is refused.
+		checked = strings.TrimSuffix(p, "$")
+	}
+	if c, ok := forbiddenChar(checked); ok {
 		return paramErr(ParamServicePath, "%s contains %s, which HAProxy would read as config syntax", quoteForMessage(p), c)
 	}
 	switch t {
 	case PathReg:
-		if !regexPathPattern.MatchString(p) {
+		if !regexPathPattern.MatchString(checked) {
 			return paramErr(ParamServicePath, "%s contains a character that is not allowed in a path pattern", quoteForMessage(p))
 		}
 		if _, err := regexp.Compile(p); err != nil {

@@ -1,0 +1,202 @@
+// Package api serves docker-flow-proxy's HTTP API, compatible with the original product's:
+// /v1/docker-flow-proxy/reconfigure, /remove, /config, /health and /v1/test.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// Controller is what the API needs from the proxy.
+type Controller interface {
+	Reconfigure(ctx context.Context, r route.Route) ([]route.Instance, error)
+	Remove(ctx context.Context, serviceName string) (bool, error)
+	Config() []byte
+}
+
+// Health reports whether the parts the proxy depends on are reachable.
+type Health interface {
+	HAProxyRunning() bool
+	ConsulPing(ctx context.Context) error
+}
+
+// Response is the original product's answer to reconfigure and remove.
+type Response struct {
+	Status        string
+	Message       string
+	ServiceName   string
+	ServiceColor  string
+	ServicePath   []string
+	ServiceDomain []string
+	PathType      string
+	SkipCheck     bool
+	// Instances is how many instances the route balances over (reconfigure only).
+	Instances int `json:",omitempty"`
+}
+
+// Status values of Response.
+const (
+	StatusOK  = "OK"
+	StatusNOK = "NOK"
+)
+
+// RequestTimeout bounds one reconfigure or remove, Consul and the reload included.
+const RequestTimeout = 60 * time.Second
+
+// Handler returns the API's routes.
+func Handler(c Controller, h Health, logger *slog.Logger) http.Handler {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	a := &handlers{c: c, h: h, log: logger}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/docker-flow-proxy/reconfigure", a.reconfigure)
+	mux.HandleFunc("/v1/docker-flow-proxy/remove", a.remove)
+	mux.HandleFunc("/v1/docker-flow-proxy/config", a.config)
+	mux.HandleFunc("/v1/docker-flow-proxy/health", a.health)
+	mux.HandleFunc("/v1/test", a.test)
+	mux.HandleFunc("/v1/docker-flow-proxy/test", a.test)
+	return mux
+}
+
+type handlers struct {
+	c   Controller
+	h   Health
+	log *slog.Logger
+}
+
+func (a *handlers) reconfigure(w http.ResponseWriter, req *http.Request) {
+	if !allowed(w, req) {
+		return
+	}
+	q := req.URL.Query()
+	resp := Response{ServiceName: q.Get(route.ParamServiceName)}
+	r, err := route.FromQuery(q)
+	if err != nil {
+		a.fail(w, req, resp, err)
+		return
+	}
+	resp = fromRoute(r)
+	ctx, cancel := context.WithTimeout(req.Context(), RequestTimeout)
+	defer cancel()
+	inst, err := a.c.Reconfigure(ctx, r)
+	if err != nil {
+		a.fail(w, req, resp, err)
+		return
+	}
+	resp.Status = StatusOK
+	resp.Instances = len(inst)
+	if len(inst) == 0 {
+		resp.Message = "no instance of " + r.ConsulService() + " is registered in Consul (or none is healthy) yet: " +
+			"its paths answer 503 until one is"
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+func (a *handlers) remove(w http.ResponseWriter, req *http.Request) {
+	if !allowed(w, req) {
+		return
+	}
+	name := req.URL.Query().Get(route.ParamServiceName)
+	resp := Response{ServiceName: name}
+	if err := route.ValidateServiceName(name); err != nil {
+		a.fail(w, req, resp, err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), RequestTimeout)
+	defer cancel()
+	existed, err := a.c.Remove(ctx, name)
+	if err != nil {
+		a.fail(w, req, resp, err)
+		return
+	}
+	resp.Status = StatusOK
+	if !existed {
+		resp.Message = "no route for " + name + " was configured"
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+func (a *handlers) config(w http.ResponseWriter, req *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, _ = w.Write(a.c.Config())
+}
+
+// HealthResponse is the health endpoint's answer.
+type HealthResponse struct {
+	Status  string
+	HAProxy string
+	Consul  string
+}
+
+func (a *handlers) health(w http.ResponseWriter, req *http.Request) {
+	ctx, cancel := context.WithTimeout(req.Context(), 5*time.Second)
+	defer cancel()
+	resp := HealthResponse{Status: StatusOK, HAProxy: "running", Consul: "reachable"}
+	code := http.StatusOK
+	if !a.h.HAProxyRunning() {
+		resp.Status, resp.HAProxy, code = StatusNOK, "not running", http.StatusServiceUnavailable
+	}
+	if err := a.h.ConsulPing(ctx); err != nil {
+		resp.Status, resp.Consul, code = StatusNOK, "unreachable: "+err.Error(), http.StatusServiceUnavailable
+	}
+	writeJSON(w, code, resp)
+}
+
+func (a *handlers) test(w http.ResponseWriter, req *http.Request) {
+	writeJSON(w, http.StatusOK, map[string]string{"Status": StatusOK})
+}
+
+func (a *handlers) fail(w http.ResponseWriter, req *http.Request, resp Response, err error) {
+	code := statusOf(err)
+	resp.Status = StatusNOK
+	resp.Message = err.Error()
+	if code >= 500 {
+		a.log.Error("request failed", "path", req.URL.Path, "service", resp.ServiceName, "status", code, "error", err)
+	} else {
+		a.log.Info("request refused", "path", req.URL.Path, "service", resp.ServiceName, "status", code, "error", err)
+	}
+	writeJSON(w, code, resp)
+}
+
+func statusOf(err error) int {
+	var pe *route.ParamError
+	switch {
+	case errors.As(err, &pe):
+		return http.StatusBadRequest
+	case errors.Is(err, proxy.ErrConsul):
+		return http.StatusServiceUnavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		return http.StatusGatewayTimeout
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+func fromRoute(r route.Route) Response {
+	return Response{ServiceName: r.ServiceName, ServiceColor: r.ServiceColor, ServicePath: r.ServicePath,
+		ServiceDomain: r.ServiceDomain, PathType: string(r.PathType), SkipCheck: r.SkipCheck}
+}
+
+// allowed accepts GET, as the original's clients send, and POST.
+func allowed(w http.ResponseWriter, req *http.Request) bool {
+	if req.Method == http.MethodGet || req.Method == http.MethodPost {
+		return true
+	}
+	w.Header().Set("Allow", "GET, POST")
+	writeJSON(w, http.StatusMethodNotAllowed, Response{Status: StatusNOK, Message: "method " + req.Method + " is not allowed"})
+	return false
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}

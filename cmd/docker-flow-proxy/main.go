@@ -1,0 +1,131 @@
+// Command docker-flow-proxy runs the proxy (`server`) and talks to a running one (`reconfigure`,
+// `remove`). Every flag can also be set through the environment variable named in its help.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/server"
+)
+
+func main() {
+	if err := newApp().Run(os.Args); err != nil {
+		fmt.Fprintln(os.Stderr, "docker-flow-proxy:", err)
+		os.Exit(1)
+	}
+}
+
+func newApp() *cli.App {
+	return &cli.App{
+		Name:  "docker-flow-proxy",
+		Usage: "HAProxy reconfigured on demand from Consul",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"LOG_LEVEL"}, Usage: "debug, info, warn or error"},
+			&cli.StringFlag{Name: "log-format", Value: "text", EnvVars: []string{"LOG_FORMAT"}, Usage: "text or json"},
+		},
+		Commands: []*cli.Command{serverCommand(), reconfigureCommand(), removeCommand()},
+	}
+}
+
+func logger(c *cli.Context) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch c.String("log-format") {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	default:
+		return nil, fmt.Errorf("--log-format: %q is not text or json", c.String("log-format"))
+	}
+}
+
+func serverCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "server",
+		Usage: "run the proxy: HAProxy, its configuration from Consul, and the HTTP API",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "consul-address", Value: "127.0.0.1:8500", EnvVars: []string{"CONSUL_ADDRESS"},
+				Usage: "Consul agents as a comma list; the next one is tried when one fails"},
+			&cli.StringFlag{Name: "proxy-instance-name", Value: "docker-flow", EnvVars: []string{"PROXY_INSTANCE_NAME"},
+				Usage: "the route table's KV prefix: proxies with the same name serve the same routes"},
+			&cli.StringFlag{Name: "bind-address", EnvVars: []string{"BIND_ADDRESS"},
+				Usage: "address HAProxy and the API listen on (default: every address)"},
+			&cli.IntFlag{Name: "http-port", Value: 80, EnvVars: []string{"HTTP_PORT"}, Usage: "HAProxy's HTTP port"},
+			&cli.IntFlag{Name: "https-port", Value: 443, EnvVars: []string{"HTTPS_PORT"},
+				Usage: "HAProxy's HTTPS port, served when the certificates folder holds a PEM file"},
+			&cli.IntFlag{Name: "api-port", Value: 8080, EnvVars: []string{"API_PORT"}, Usage: "the HTTP API's port"},
+			&cli.StringFlag{Name: "config-dir", Value: "/var/lib/docker-flow-proxy", EnvVars: []string{"CONFIG_DIR"},
+				Usage: "folder of haproxy.cfg and HAProxy's sockets"},
+			&cli.StringFlag{Name: "templates-dir", Value: "/etc/docker-flow-proxy/templates", EnvVars: []string{"TEMPLATES_DIR"},
+				Usage: "folder of custom templates"},
+			&cli.StringFlag{Name: "certs-dir", Value: "/etc/docker-flow-proxy/certs", EnvVars: []string{"CERTS_DIR"},
+				Usage: "folder of PEM certificates (certificate and key) served on the HTTPS port, chosen by SNI"},
+			&cli.StringFlag{Name: "service-health", Value: "passing", EnvVars: []string{"SERVICE_HEALTH"},
+				Usage: "which instances receive traffic: passing (all checks pass), warning (passing or warning) or any"},
+			&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", EnvVars: []string{"HAPROXY_BIN"}, Usage: "the HAProxy binary"},
+			&cli.DurationFlag{Name: "startup-timeout", Value: 30 * time.Second, EnvVars: []string{"STARTUP_TIMEOUT"},
+				Usage: "how long start-up waits for Consul before serving an empty route table"},
+		},
+		Action: runServer,
+	}
+}
+
+func runServer(c *cli.Context) error {
+	log, err := logger(c)
+	if err != nil {
+		return err
+	}
+	health, err := consul.ParseHealthFilter(c.String("service-health"))
+	if err != nil {
+		return fmt.Errorf("--service-health: %w", err)
+	}
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	srv, err := server.Start(ctx, server.Config{
+		ConsulAddresses: splitComma(c.String("consul-address")),
+		InstanceName:    c.String("proxy-instance-name"),
+		BindAddress:     c.String("bind-address"),
+		HTTPPort:        c.Int("http-port"),
+		HTTPSPort:       c.Int("https-port"),
+		APIPort:         c.Int("api-port"),
+		ConfigDir:       c.String("config-dir"),
+		TemplatesDir:    c.String("templates-dir"),
+		CertsDir:        c.String("certs-dir"),
+		Health:          health,
+		HAProxyBin:      c.String("haproxy-bin"),
+		StartupTimeout:  c.Duration("startup-timeout"),
+		Logger:          log,
+	})
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	log.Info("stopping", "reason", context.Cause(ctx))
+	stopCtx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return srv.Stop(stopCtx)
+}
+
+func splitComma(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}

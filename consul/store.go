@@ -1,0 +1,176 @@
+package consul
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// DefaultPrefix is the KV prefix when PROXY_INSTANCE_NAME is unset, as in the original product.
+const DefaultPrefix = "docker-flow"
+
+// Store keeps the route table in Consul KV, one folder per route: <prefix>/<service>/<key>, with
+// the keys of route.Route.KV. Several proxies share one Consul with different prefixes.
+// A Store is safe for concurrent use.
+type Store struct {
+	c      *Client
+	prefix string
+}
+
+// NewStore returns the store of the routes under prefix (PROXY_INSTANCE_NAME); an empty prefix is
+// DefaultPrefix. Leading and trailing slashes are dropped.
+func NewStore(c *Client, prefix string) *Store {
+	prefix = strings.Trim(strings.TrimSpace(prefix), "/")
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	return &Store{c: c, prefix: prefix}
+}
+
+// Prefix is the KV prefix of the store's routes.
+func (s *Store) Prefix() string { return s.prefix }
+
+func (s *Store) folder(service string) string { return s.prefix + "/" + service + "/" }
+
+// List reads every route under the prefix with one KV call, sorted by name. A folder whose keys do
+// not make a valid route is left out and reported in the second result, sorted by name; it never
+// fails the whole list. Keys directly under the prefix and deeper folders are ignored.
+func (s *Store) List(ctx context.Context) ([]route.Route, []error, error) {
+	pairs, err := s.list(ctx, s.prefix+"/")
+	if err != nil {
+		return nil, nil, fmt.Errorf("consul kv list %s/: %w", s.prefix, err)
+	}
+	folders := s.folders(pairs)
+	names := make([]string, 0, len(folders))
+	for name := range folders {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	routes := make([]route.Route, 0, len(names))
+	var invalid []error
+	for _, name := range names {
+		r, err := route.FromKV(name, folders[name])
+		if err != nil {
+			invalid = append(invalid, fmt.Errorf("consul kv %s: %w", s.folder(name), err))
+			continue
+		}
+		routes = append(routes, r)
+	}
+	return routes, invalid, nil
+}
+
+// Get reads one route. The second result is false when the route has no keys. A route whose keys
+// are not valid is an error.
+func (s *Store) Get(ctx context.Context, service string) (route.Route, bool, error) {
+	if err := checkServiceName(service); err != nil {
+		return route.Route{}, false, err
+	}
+	pairs, err := s.list(ctx, s.folder(service))
+	if err != nil {
+		return route.Route{}, false, fmt.Errorf("consul kv get %s: %w", s.folder(service), err)
+	}
+	kv, ok := s.folders(pairs)[service]
+	if !ok {
+		return route.Route{}, false, nil
+	}
+	r, err := route.FromKV(service, kv)
+	if err != nil {
+		return route.Route{}, false, fmt.Errorf("consul kv get %s: %w", s.folder(service), err)
+	}
+	return r, true, nil
+}
+
+// Put validates the route and writes it in one transaction: the route's folder is deleted and each
+// key of r.KV is set, so keys of an older version of the route disappear and a failure never leaves
+// half a route.
+func (s *Store) Put(ctx context.Context, r route.Route) error {
+	if err := r.Validate(); err != nil {
+		return fmt.Errorf("consul kv put %s: %w", s.folder(r.ServiceName), err)
+	}
+	folder := s.folder(r.ServiceName)
+	kv := r.KV()
+	keys := make([]string, 0, len(kv))
+	for k := range kv {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	ops := api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}}}
+	for _, k := range keys {
+		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: folder + k, Value: []byte(kv[k])}})
+	}
+	if err := s.txn(ctx, ops); err != nil {
+		return fmt.Errorf("consul kv put %s: %w", folder, err)
+	}
+	return nil
+}
+
+// Delete removes a route's folder in one transaction. Deleting a route that does not exist is not
+// an error. The folder is deleted with its trailing slash: deleting "books" leaves "books-ms".
+func (s *Store) Delete(ctx context.Context, service string) error {
+	if err := checkServiceName(service); err != nil {
+		return err
+	}
+	folder := s.folder(service)
+	if err := s.txn(ctx, api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}}}); err != nil {
+		return fmt.Errorf("consul kv delete %s: %w", folder, err)
+	}
+	return nil
+}
+
+func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, error) {
+	var pairs api.KVPairs
+	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
+		var err error
+		pairs, _, err = a.KV().List(prefix, (&api.QueryOptions{}).WithContext(ctx))
+		return err
+	})
+	return pairs, err
+}
+
+func (s *Store) txn(ctx context.Context, ops api.TxnOps) error {
+	return s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
+		ok, resp, _, err := a.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			var whats []string
+			if resp != nil {
+				for _, e := range resp.Errors {
+					whats = append(whats, fmt.Sprintf("op %d: %s", e.OpIndex, e.What))
+				}
+			}
+			return fmt.Errorf("transaction rolled back: %s", strings.Join(whats, "; "))
+		}
+		return nil
+	})
+}
+
+// folders groups KV pairs by route folder: <prefix>/<service>/<key> gives folders[service][key].
+// Keys directly under the prefix, folder markers ("<service>/") and deeper keys are left out.
+func (s *Store) folders(pairs api.KVPairs) map[string]map[string]string {
+	out := map[string]map[string]string{}
+	for _, p := range pairs {
+		if p == nil {
+			continue
+		}
+		rel, ok := strings.CutPrefix(p.Key, s.prefix+"/")
+		if !ok {
+			continue
+		}
+		name, key, ok := strings.Cut(rel, "/")
+		if !ok || key == "" || strings.Contains(key, "/") {
+			continue
+		}
+		if out[name] == nil {
+			out[name] = map[string]string{}
+		}
+		out[name][key] = string(p.Value)
+	}
+	return out
+}

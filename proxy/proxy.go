@@ -1,0 +1,306 @@
+// Package proxy is the controller: it keeps the route table, turns it with the catalog's instances into
+// haproxy.cfg and applies it, and keeps Consul KV, the source of truth, in step. Changes are applied
+// one at a time.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// Catalog lists the instances of a Consul service.
+type Catalog interface {
+	Instances(ctx context.Context, service string) ([]route.Instance, error)
+}
+
+// Store is the route table in Consul KV.
+type Store interface {
+	List(ctx context.Context) ([]route.Route, []error, error)
+	Put(ctx context.Context, r route.Route) error
+	Delete(ctx context.Context, service string) error
+}
+
+// HAProxy validates and applies configs.
+type HAProxy interface {
+	Validate(ctx context.Context, cfg []byte) error
+	Apply(ctx context.Context, cfg []byte) error
+}
+
+// Error kinds the API turns into status codes.
+var (
+	// ErrConsul wraps a failed Consul read or write: nothing was changed.
+	ErrConsul = errors.New("consul")
+	// ErrConfig wraps a config that HAProxy rejected: nothing was changed.
+	ErrConfig = errors.New("haproxy rejected the config")
+	// ErrApply wraps a reload that failed: KV was restored, the old config keeps serving.
+	ErrApply = errors.New("haproxy reload failed")
+)
+
+// Proxy is the controller. Create it with New; call Load before serving.
+type Proxy struct {
+	catalog  Catalog
+	store    Store
+	haproxy  HAProxy
+	settings haproxy.Settings
+	log      *slog.Logger
+
+	mu       sync.Mutex               // held while a batch of changes is applied
+	backends map[string]route.Backend // what HAProxy serves now
+
+	qmu   sync.Mutex
+	queue []*change // changes waiting for the next commit
+}
+
+// New makes a controller with an empty route table.
+func New(catalog Catalog, store Store, hap HAProxy, settings haproxy.Settings, logger *slog.Logger) *Proxy {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &Proxy{catalog: catalog, store: store, haproxy: hap, settings: settings, log: logger,
+		backends: map[string]route.Backend{}}
+}
+
+// Load rebuilds the whole route table from KV and the catalog and returns the config that serves it.
+// The caller starts HAProxy with that config. Routes in KV that are not valid are logged and skipped.
+func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
+	routes, bad, err := p.store.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
+	}
+	for _, e := range bad {
+		p.log.Warn("skipping a route in KV that is not valid", "error", e)
+	}
+	backends := make(map[string]route.Backend, len(routes))
+	for _, r := range routes {
+		inst, err := p.catalog.Instances(ctx, r.ConsulService())
+		if err != nil {
+			return nil, fmt.Errorf("load instances of %s: %w: %w", r.ConsulService(), ErrConsul, err)
+		}
+		backends[r.ServiceName] = route.Backend{Route: r, Instances: inst}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.backends = backends
+	p.log.Info("route table loaded from consul", "routes", len(backends))
+	return p.renderLocked(backends), nil
+}
+
+// Apply makes HAProxy serve the current route table (after Load, or to re-apply it).
+func (p *Proxy) Apply(ctx context.Context) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err := p.haproxy.Apply(ctx, p.renderLocked(p.backends)); err != nil {
+		return fmt.Errorf("%w: %w", ErrApply, err)
+	}
+	return nil
+}
+
+// Config renders the route table as HAProxy serves it.
+func (p *Proxy) Config() []byte {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.renderLocked(p.backends)
+}
+
+// Routes returns the routes served, sorted by service name.
+func (p *Proxy) Routes() []route.Backend {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]route.Backend, 0, len(p.backends))
+	for _, b := range p.backends {
+		out = append(out, b)
+	}
+	sortBackends(out)
+	return out
+}
+
+// Reconfigure adds or replaces a route. It returns once HAProxy serves it, with the instances found.
+// On any failure nothing changes: neither KV nor what HAProxy serves.
+func (p *Proxy) Reconfigure(ctx context.Context, r route.Route) ([]route.Instance, error) {
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	c := &change{service: r.ServiceName, route: &r, done: make(chan error, 1)}
+	if err := p.submit(ctx, c); err != nil {
+		return nil, err
+	}
+	p.log.Info("route configured", "service", r.ServiceName, "consul_service", r.ConsulService(),
+		"paths", r.ServicePath, "domains", r.ServiceDomain, "instances", len(c.instances))
+	return c.instances, nil
+}
+
+// Remove deletes a route from HAProxy and KV. It reports whether the route was served.
+func (p *Proxy) Remove(ctx context.Context, serviceName string) (bool, error) {
+	if err := route.ValidateServiceName(serviceName); err != nil {
+		return false, err
+	}
+	c := &change{service: serviceName, done: make(chan error, 1)}
+	if err := p.submit(ctx, c); err != nil {
+		return false, err
+	}
+	p.log.Info("route removed", "service", serviceName, "was_served", c.existed)
+	return c.existed, nil
+}
+
+// change is one reconfigure (route set) or remove (route nil) waiting to be applied.
+type change struct {
+	service string
+	route   *route.Route
+	done    chan error
+
+	// Filled in while the change is applied.
+	instances []route.Instance
+	existed   bool
+	old       route.Backend
+}
+
+// submit queues a change and applies it. Changes that arrive while a reload runs are applied
+// together by the next caller that takes the lock: one validation and one reload for all of them.
+func (p *Proxy) submit(ctx context.Context, c *change) error {
+	p.qmu.Lock()
+	p.queue = append(p.queue, c)
+	p.qmu.Unlock()
+
+	p.mu.Lock()
+	p.qmu.Lock()
+	batch := p.queue
+	p.queue = nil
+	p.qmu.Unlock()
+	if len(batch) > 0 {
+		// Once started, a commit is not abandoned because one caller went away: HAProxy, KV and the
+		// route table must stay in step.
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+		p.commitLocked(cctx, batch)
+		cancel()
+	}
+	p.mu.Unlock()
+	return <-c.done
+}
+
+// commitLocked applies a batch of changes in the order that keeps every failure harmless: read the
+// instances, validate the config (nothing written yet), write KV, reload. If the reload fails, KV
+// is put back and the old config keeps serving.
+func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
+	var ready []*change
+	for _, c := range batch {
+		if c.route != nil {
+			inst, err := p.catalog.Instances(ctx, c.route.ConsulService())
+			if err != nil {
+				c.done <- fmt.Errorf("read instances of %s: %w: %w", c.route.ConsulService(), ErrConsul, err)
+				continue
+			}
+			c.instances = inst
+		}
+		ready = append(ready, c)
+	}
+	if len(ready) == 0 {
+		return
+	}
+	next := p.nextLocked(ready)
+	cfg := p.renderLocked(next)
+	if err := p.haproxy.Validate(ctx, cfg); err != nil {
+		if len(ready) > 1 {
+			// Find the change that HAProxy rejects: apply them one by one.
+			for _, c := range ready {
+				p.commitLocked(ctx, []*change{c})
+			}
+			return
+		}
+		p.log.Error("rendered config rejected by haproxy -c; nothing changed", "error", err)
+		ready[0].done <- fmt.Errorf("%w: %w", ErrConfig, err)
+		return
+	}
+	var written []*change
+	for _, c := range ready {
+		if err := p.write(ctx, c); err != nil {
+			c.done <- fmt.Errorf("write route table: %w: %w", ErrConsul, err)
+			continue
+		}
+		written = append(written, c)
+	}
+	if len(written) == 0 {
+		return
+	}
+	if len(written) < len(ready) {
+		// Some KV writes failed: serve only what KV holds.
+		next = p.nextLocked(written)
+		cfg = p.renderLocked(next)
+	}
+	if err := p.haproxy.Apply(ctx, cfg); err != nil {
+		err = fmt.Errorf("%w: %w", ErrApply, err)
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), restoreTimeout)
+		defer cancel()
+		for i := len(written) - 1; i >= 0; i-- {
+			if rerr := p.restore(rctx, written[i]); rerr != nil {
+				p.log.Error("reload failed and KV could not be restored", "service", written[i].service, "error", err, "restore_error", rerr)
+			}
+		}
+		for _, c := range written {
+			c.done <- err
+		}
+		return
+	}
+	p.backends = next
+	for _, c := range written {
+		c.done <- nil
+	}
+}
+
+// nextLocked returns the route table with the changes applied in order, and records in each change
+// what it replaces.
+func (p *Proxy) nextLocked(changes []*change) map[string]route.Backend {
+	next := make(map[string]route.Backend, len(p.backends)+len(changes))
+	for k, v := range p.backends {
+		next[k] = v
+	}
+	for _, c := range changes {
+		c.old, c.existed = next[c.service]
+		if c.route == nil {
+			delete(next, c.service)
+		} else {
+			next[c.service] = route.Backend{Route: *c.route, Instances: c.instances}
+		}
+	}
+	return next
+}
+
+func (p *Proxy) write(ctx context.Context, c *change) error {
+	if c.route == nil {
+		return p.store.Delete(ctx, c.service)
+	}
+	return p.store.Put(ctx, *c.route)
+}
+
+// restore puts back in KV what a change replaced.
+func (p *Proxy) restore(ctx context.Context, c *change) error {
+	if c.existed {
+		return p.store.Put(ctx, c.old.Route)
+	}
+	return p.store.Delete(ctx, c.service)
+}
+
+func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
+	list := make([]route.Backend, 0, len(backends))
+	for _, b := range backends {
+		list = append(list, b)
+	}
+	return haproxy.Render(p.settings, list)
+}
+
+// restoreTimeout bounds putting KV back after a failed reload.
+const restoreTimeout = 10 * time.Second
+
+// commitTimeout bounds applying one batch of changes: Consul reads and writes and the reload.
+const commitTimeout = 90 * time.Second
+
+func sortBackends(bs []route.Backend) {
+	sort.Slice(bs, func(i, j int) bool { return bs[i].Route.ServiceName < bs[j].Route.ServiceName })
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing (HAProxy, Consul), then the unit and integration tests
+# with the race detector against the real programs, then the demo's own check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+eval "$(scripts/setup.sh --print-env)"
+export DFP_HAPROXY_BIN DFP_CONSUL_BIN
+
+echo "== gofmt"
+unformatted="$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"
+if [ -n "$unformatted" ]; then echo "gofmt would change: $unformatted"; exit 1; fi
+echo "== go vet"
+go vet ./...
+echo "== go test -race"
+go test -race -count=1 -timeout 40m ./...
+echo "== demo check"
+DEMO_CONSUL_PORT="${DEMO_CONSUL_PORT:-18500}" DEMO_HTTP_PORT="${DEMO_HTTP_PORT:-18000}" \
+DEMO_API_PORT="${DEMO_API_PORT:-18080}" DEMO_BACKEND_PORTS="${DEMO_BACKEND_PORTS:-19001 19002}" \
+  scripts/demo.sh --check

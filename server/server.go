@@ -1,0 +1,237 @@
+// Package server assembles docker-flow-proxy: the Consul client, the controller, HAProxy under its
+// control and the HTTP API. The binary's `server` command and the integration tests both run it.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/api"
+	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// Config is everything the server is started with.
+type Config struct {
+	ConsulAddresses []string
+	// InstanceName is the KV prefix of the route table; proxies with different names share nothing.
+	InstanceName string
+	// BindAddress is where HAProxy and the API listen; empty means every address.
+	BindAddress  string
+	HTTPPort     int
+	HTTPSPort    int
+	APIPort      int
+	ConfigDir    string
+	TemplatesDir string
+	CertsDir     string
+	Health       consul.HealthFilter
+	HAProxyBin   string
+	// StartupTimeout bounds how long start-up waits for Consul before serving an empty table
+	// (the routes are then loaded as soon as Consul answers).
+	StartupTimeout time.Duration
+	Logger         *slog.Logger
+}
+
+// Server is a running docker-flow-proxy.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	consul   *consul.Client
+	haproxy  *haproxy.Process
+	proxy    *proxy.Proxy
+	api      *http.Server
+	apiAddr  string
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+}
+
+// Start loads the route table from Consul, starts HAProxy serving it and then the API. It returns
+// once both serve.
+func Start(ctx context.Context, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.InstanceName == "" {
+		cfg.InstanceName = "docker-flow"
+	}
+	if cfg.StartupTimeout == 0 {
+		cfg.StartupTimeout = 30 * time.Second
+	}
+	if err := route.ValidateServiceName(cfg.InstanceName); err != nil {
+		return nil, fmt.Errorf("proxy instance name: %w", err)
+	}
+	if err := os.MkdirAll(cfg.ConfigDir, 0o755); err != nil {
+		return nil, fmt.Errorf("config folder: %w", err)
+	}
+	raiseFileLimit(cfg.Logger)
+
+	cc, err := consul.New(cfg.ConsulAddresses, cfg.Logger)
+	if err != nil {
+		return nil, fmt.Errorf("consul client: %w", err)
+	}
+	settings := haproxy.DefaultSettings()
+	settings.BindAddress = cfg.BindAddress
+	settings.HTTPPort = cfg.HTTPPort
+	settings.HTTPSPort = cfg.HTTPSPort
+	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
+	if cfg.CertsDir != "" {
+		settings.CertsDir = cfg.CertsDir
+		settings.HasCerts = hasCerts(cfg.CertsDir)
+	}
+	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
+	catalog := catalogFilter{c: cc, filter: cfg.Health}
+	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
+
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel}
+
+	loaded := true
+	initial, err := s.loadWithRetry(ctx, cfg.StartupTimeout)
+	if err != nil {
+		s.log.Error("could not load the route table from consul; serving no route until it answers", "error", err)
+		initial, loaded = p.Config(), false
+	}
+	if err := hap.Start(ctx, initial); err != nil {
+		cancel()
+		return nil, fmt.Errorf("start haproxy: %w", err)
+	}
+	if !loaded {
+		s.wg.Add(1)
+		go func() { defer s.wg.Done(); s.loadInBackground(runCtx) }()
+	}
+
+	l, err := net.Listen("tcp", net.JoinHostPort(cfg.BindAddress, strconv.Itoa(cfg.APIPort)))
+	if err != nil {
+		s.Stop(context.Background())
+		return nil, fmt.Errorf("api listener: %w", err)
+	}
+	s.apiAddr = l.Addr().String()
+	s.api = &http.Server{Handler: api.Handler(p, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := s.api.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("api server stopped", "error", err)
+		}
+	}()
+	s.log.Info("docker-flow-proxy serving", "api", s.apiAddr, "http_port", cfg.HTTPPort,
+		"instance_name", cfg.InstanceName, "consul", strings.Join(cfg.ConsulAddresses, ","), "routes", len(p.Routes()))
+	return s, nil
+}
+
+// loadWithRetry loads the route table, retrying while Consul does not answer, for at most timeout.
+func (s *Server) loadWithRetry(ctx context.Context, timeout time.Duration) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	delay := 200 * time.Millisecond
+	for {
+		cfg, err := s.proxy.Load(ctx)
+		if err == nil {
+			return cfg, nil
+		}
+		s.log.Warn("loading the route table failed; retrying", "error", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 5*time.Second)
+	}
+}
+
+// loadInBackground keeps trying to load the route table after a start without Consul.
+func (s *Server) loadInBackground(ctx context.Context) {
+	delay := time.Second
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		if _, err := s.proxy.Load(ctx); err != nil {
+			s.log.Warn("loading the route table failed; retrying", "error", err, "retry_in", delay)
+			delay = min(delay*2, 30*time.Second)
+			continue
+		}
+		if err := s.proxy.Apply(ctx); err != nil {
+			s.log.Error("applying the loaded route table failed", "error", err)
+			continue
+		}
+		s.log.Info("route table loaded after consul came back", "routes", len(s.proxy.Routes()))
+		return
+	}
+}
+
+// APIAddr is the address the API listens on.
+func (s *Server) APIAddr() string { return s.apiAddr }
+
+// HAProxy is the HAProxy process under the server's control.
+func (s *Server) HAProxy() *haproxy.Process { return s.haproxy }
+
+// HAProxyRunning reports whether HAProxy runs a worker (for the health endpoint).
+func (s *Server) HAProxyRunning() bool { return s.haproxy.Running() }
+
+// ConsulPing reports whether Consul answers (for the health endpoint).
+func (s *Server) ConsulPing(ctx context.Context) error { return s.consul.Ping(ctx) }
+
+// Stop stops the API, then HAProxy, bounded by ctx.
+func (s *Server) Stop(ctx context.Context) error {
+	var err error
+	s.stopOnce.Do(func() {
+		s.cancel()
+		if s.api != nil {
+			if e := s.api.Shutdown(ctx); e != nil {
+				err = fmt.Errorf("stop api: %w", e)
+			}
+		}
+		if e := s.haproxy.Stop(ctx); e != nil && err == nil {
+			err = fmt.Errorf("stop haproxy: %w", e)
+		}
+		s.wg.Wait()
+		s.log.Info("docker-flow-proxy stopped")
+	})
+	return err
+}
+
+// catalogFilter reads instances with the health filter the server was started with.
+type catalogFilter struct {
+	c      *consul.Client
+	filter consul.HealthFilter
+}
+
+func (f catalogFilter) Instances(ctx context.Context, service string) ([]route.Instance, error) {
+	return f.c.Instances(ctx, service, f.filter)
+}
+
+func hasCerts(dir string) bool {
+	m, _ := filepath.Glob(filepath.Join(dir, "*.pem"))
+	return len(m) > 0
+}
+
+// raiseFileLimit lifts the soft open-files limit to the hard one: HAProxy derives its maxconn from it.
+func raiseFileLimit(log *slog.Logger) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			log.Warn("could not raise the open files limit", "error", err)
+		}
+	}
+}
