@@ -260,7 +260,9 @@ func (p *Process) Apply(ctx context.Context, cfg []byte) error {
 // reload writes the validated cfg to haproxy.cfg and reloads in. retry is true when in died before
 // it got the signal: nothing changed and the caller should wait for the restart and try again.
 func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry bool, err error) {
-	before, err := p.pollProc(ctx, in, func(ProcInfo) bool { return true })
+	bctx, cancel := context.WithTimeout(ctx, p.reloadTimeout)
+	before, err := p.pollProc(bctx, in, func(ProcInfo) bool { return true })
+	cancel()
 	if err != nil {
 		if in.exited() {
 			return true, nil
@@ -322,8 +324,11 @@ func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry b
 		// The master died during the reload: the supervisor restarts it with the previous config.
 		restore()
 		return false, fmt.Errorf("haproxy reload: %w: haproxy exited (%v)", ErrReloadFailed, in.err)
+	case errors.Is(err, errStopped):
+		restore()
+		return false, fmt.Errorf("haproxy reload: %w", err)
 	default:
-		// No verdict (timeout, Stop): put the previous file back so a restart uses it, and never
+		// No verdict (timeout): put the previous file back so a restart uses it, and never
 		// skip the next Apply as "already served".
 		restore()
 		p.mu.Lock()
@@ -665,7 +670,11 @@ func (p *Process) readOutput(r *os.File, in *instance) {
 		}
 		level, pid, text := splitLogLine(line)
 		in.out.add(level, text)
-		p.log.Log(context.Background(), slogLevel(level), "haproxy", "pid", pid, "line", text)
+		lvl := slogLevel(level)
+		if p.life.Err() != nil {
+			lvl = min(lvl, slog.LevelInfo) // after Stop, workers exiting is the expected news
+		}
+		p.log.Log(context.Background(), lvl, "haproxy", "pid", pid, "line", text)
 	}
 	// Never leave HAProxy blocked on a full pipe (a line over 1 MiB ends the scanner).
 	_, _ = io.Copy(io.Discard, r)

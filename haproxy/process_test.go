@@ -421,28 +421,71 @@ func haproxyProcs(t *testing.T, dir string) []string {
 	return found
 }
 
-func TestTmpStressStopPhases(t *testing.T) {
-	a := startBackend(t, "a")
-	for d := time.Duration(0); d <= 320*time.Millisecond; d += 20 * time.Millisecond {
-		front := testenv.FreePort(t)
-		p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir(), Logger: testLogger()})
-		if err := p.Start(ctxFor(t, 10*time.Second), procConfig(front, a, 0)); err != nil {
-			t.Fatal(err)
+func TestStartFailsWhenPortTaken(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir(), Logger: testLogger()})
+	err = p.Start(ctxFor(t, 10*time.Second), procConfig(taken.Addr().(*net.TCPAddr).Port, 1, 0))
+	if err == nil {
+		_ = p.Stop(ctxFor(t, 10*time.Second))
+		t.Fatal("Start on a port in use succeeded")
+	}
+	if !strings.Contains(err.Error(), "Address already in use") {
+		t.Errorf("Start error %q does not carry HAProxy's alert", err)
+	}
+	if procs := haproxyProcs(t, p.dir); len(procs) > 0 {
+		t.Fatalf("HAProxy processes left after a failed Start: %v", procs)
+	}
+	if p.Running() {
+		t.Fatal("Running() = true after a failed Start")
+	}
+
+	var cfgErr *ConfigError
+	if err := p.Start(ctxFor(t, 10*time.Second), []byte("global\n    bogus_keyword\n")); !errors.As(err, &cfgErr) {
+		t.Fatalf("Start(invalid) = %v, want a *ConfigError", err)
+	}
+}
+
+func TestParseShowProc(t *testing.T) {
+	tests := []struct {
+		name, in string
+		want     ProcInfo
+	}{{
+		name: "after a reload, with an old worker still finishing",
+		in: "#<PID>          <type>          <reloads>       <uptime>        <version>      \n" +
+			"7421            master          7 [failed: 0]   0d00h00m30s     2.6.12-1+deb12u4\n" +
+			"# workers\n" +
+			"10044           worker          0               0d00h00m00s     2.6.12-1+deb12u4\n" +
+			"# old workers\n" +
+			"9536            worker          1               0d00h00m03s     2.6.12-1+deb12u4\n" +
+			"# programs\n\n",
+		want: ProcInfo{MasterPID: 7421, Reloads: 7, Workers: []int{10044}, OldWorkers: []int{9536}},
+	}, {
+		name: "after failed reloads the worker stays current",
+		in: "#<PID>          <type>          <reloads>       <uptime>        <version>      \n" +
+			"11856           master          5 [failed: 2]   0d00h00m18s     2.6.12-1+deb12u4\n" +
+			"# workers\n" +
+			"12132           worker          2               0d00h00m18s     2.6.12-1+deb12u4\n" +
+			"# programs\n\n",
+		want: ProcInfo{MasterPID: 11856, Reloads: 5, FailedReloads: 2, Workers: []int{12132}},
+	}}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := parseShowProc(tt.in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+				t.Fatalf("got %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+	for _, bad := range []string{"", "Unknown command.\n", "#<PID> <type>\n1 master x [failed: 0] 0d 2.6\n"} {
+		if _, err := parseShowProc(bad); err == nil {
+			t.Errorf("parseShowProc(%q) succeeded", bad)
 		}
-		info := showProc(t, p)
-		_ = syscall.Kill(info.Workers[0], syscall.SIGKILL)
-		time.Sleep(d)
-		// concurrent Apply racing with Stop
-		var wg sync.WaitGroup
-		wg.Go(func() { _ = p.Apply(ctxFor(t, 5*time.Second), procConfig(front, a, 1)) })
-		t0 := time.Now()
-		if err := p.Stop(ctxFor(t, 10*time.Second)); err != nil {
-			t.Fatalf("d=%v Stop: %v", d, err)
-		}
-		wg.Wait()
-		if procs := haproxyProcs(t, p.dir); len(procs) > 0 {
-			t.Fatalf("d=%v left: %v", d, procs)
-		}
-		t.Logf("d=%v stop took %v restarts=%d", d, time.Since(t0), p.Restarts())
 	}
 }

@@ -5,7 +5,7 @@
 # It keeps running until Ctrl-C and then stops everything it started.
 #   scripts/demo.sh          run the demo
 #   scripts/demo.sh --check  run it, verify the balancing, stop (exit 0 when it works)
-# Ports (all on 127.0.0.1): DEMO_CONSUL_PORT (8500), DEMO_HTTP_PORT (8000), DEMO_API_PORT (8080),
+# Ports (all on 127.0.0.1): DEMO_CONSUL_PORT (8500, and the next three for its cluster traffic), DEMO_HTTP_PORT (8000), DEMO_API_PORT (8080),
 # DEMO_BACKEND_PORTS ("9001 9002").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +41,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$CONSUL_PORT" "$HTTP_PORT" "$API_PORT" "${BACKEND_PORTS[@]}"; do
+for p in "$CONSUL_PORT" $((CONSUL_PORT + 1)) $((CONSUL_PORT + 2)) $((CONSUL_PORT + 3)) "$HTTP_PORT" "$API_PORT" "${BACKEND_PORTS[@]}"; do
   port_free "$p" || fail "port $p on 127.0.0.1 is in use; set the DEMO_*_PORT variables to free ports"
 done
 
@@ -56,7 +56,7 @@ wait_for() {
 
 say "starting a Consul dev agent on 127.0.0.1:$CONSUL_PORT"
 "$DFP_CONSUL_BIN" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$CONSUL_PORT" \
-  -dns-port -1 -grpc-port -1 -grpc-tls-port -1 -serf-lan-port 0 -serf-wan-port 0 -server-port 0 \
+  -dns-port -1 -grpc-port -1 -grpc-tls-port -1 -serf-lan-port $((CONSUL_PORT + 1)) -serf-wan-port $((CONSUL_PORT + 2)) -server-port $((CONSUL_PORT + 3)) \
   -log-level warn >"$work/consul.log" 2>&1 &
 pids+=($!)
 consul_url="http://127.0.0.1:$CONSUL_PORT"
