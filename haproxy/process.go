@@ -671,6 +671,9 @@ func (p *Process) readOutput(r *os.File, in *instance) {
 		level, pid, text := splitLogLine(line)
 		in.out.add(level, text)
 		lvl := slogLevel(level)
+		if routine(text) {
+			lvl = min(lvl, slog.LevelInfo)
+		}
 		if p.life.Err() != nil {
 			lvl = min(lvl, slog.LevelInfo) // after Stop, workers exiting is the expected news
 		}
@@ -696,6 +699,15 @@ func splitLogLine(line string) (level, pid, text string) {
 		rest = strings.TrimPrefix(strings.TrimSpace(after), ":")
 	}
 	return level, pid, strings.TrimSpace(rest)
+}
+
+// routine reports whether HAProxy's line is the normal news of a reload, which HAProxy prints as a
+// warning: old proxies stopping, the old worker leaving, the master re-executing.
+func routine(text string) bool {
+	return (strings.HasPrefix(text, "Proxy ") && strings.Contains(text, " stopped (")) ||
+		(strings.HasPrefix(text, "Former worker ") && strings.HasSuffix(text, "exited with code 0 (Exit)")) ||
+		strings.HasPrefix(text, "Reexecuting Master process") ||
+		strings.HasPrefix(text, "Stopping ") || strings.HasPrefix(text, "Loading success")
 }
 
 func slogLevel(level string) slog.Level {

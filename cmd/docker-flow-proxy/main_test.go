@@ -1,0 +1,126 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	capi "github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+)
+
+// The server command configured through environment variables only, driven by the client commands.
+func TestServerFromEnvAndClientCommands(t *testing.T) {
+	hap := testenv.HAProxyBin(t)
+	c := testenv.StartConsul(t)
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "books") }))
+	defer backend.Close()
+	port, _ := strconv.Atoi(backend.URL[strings.LastIndex(backend.URL, ":")+1:])
+	c.RegisterService("books-ms", "books-1", "127.0.0.1", port)
+
+	httpPort, apiPort := testenv.FreePort(t), testenv.FreePort(t)
+	for k, v := range map[string]string{
+		"CONSUL_ADDRESS":      "127.0.0.1:1," + c.Addr, // the first agent is down: the next one is used
+		"PROXY_INSTANCE_NAME": "env-proxy", "BIND_ADDRESS": "127.0.0.1",
+		"HTTP_PORT": strconv.Itoa(httpPort), "HTTPS_PORT": strconv.Itoa(testenv.FreePort(t)),
+		"API_PORT": strconv.Itoa(apiPort), "CONFIG_DIR": t.TempDir(), "CERTS_DIR": t.TempDir(),
+		"TEMPLATES_DIR": t.TempDir(), "HAPROXY_BIN": hap, "LOG_LEVEL": "warn",
+	} {
+		t.Setenv(k, v)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- newApp().RunContext(ctx, []string{"docker-flow-proxy", "server"}) }()
+	defer func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("server command: %v", err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Error("server command did not stop within 30 s")
+		}
+	}()
+
+	apiAddr := "http://127.0.0.1:" + strconv.Itoa(apiPort)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(apiAddr + "/v1/test")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the server's API did not answer within 30 s: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	out, err := runClient("reconfigure", "--proxy-address", apiAddr, "--service-name", "books-ms", "--service-path", "/api/v1/books")
+	if err != nil || !strings.Contains(out, `"Status":"OK"`) {
+		t.Fatalf("reconfigure command: %v, printed %q", err, out)
+	}
+	if body := fetch(t, "http://127.0.0.1:"+strconv.Itoa(httpPort)+"/api/v1/books"); body != "books" {
+		t.Fatalf("through the proxy: %q", body)
+	}
+	kv, _ := capi.NewClient(&capi.Config{Address: c.Addr})
+	if p, _, err := kv.KV().Get("env-proxy/books-ms/path", nil); err != nil || p == nil || string(p.Value) != "/api/v1/books" {
+		t.Fatalf("KV under PROXY_INSTANCE_NAME: %v %v", p, err)
+	}
+
+	out, err = runClient("reconfigure", "--proxy-address", apiAddr, "--service-name", "books-ms", "--service-path", "/a b")
+	if err == nil || !strings.Contains(err.Error(), "servicePath") || !strings.Contains(out, "NOK") {
+		t.Fatalf("a bad path: err %v, printed %q; want a failure naming servicePath", err, out)
+	}
+
+	if out, err := runClient("remove", "--proxy-address", apiAddr, "--service-name", "books-ms"); err != nil {
+		t.Fatalf("remove command: %v, printed %q", err, out)
+	}
+	resp, err := freshClient.Get("http://127.0.0.1:" + strconv.Itoa(httpPort) + "/api/v1/books")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("after the remove command the path answers %d", resp.StatusCode)
+	}
+}
+
+func TestClientReportsAnUnreachableProxy(t *testing.T) {
+	addr := "http://127.0.0.1:" + strconv.Itoa(testenv.FreePort(t))
+	if _, err := runClient("remove", "--proxy-address", addr, "--service-name", "x", "--timeout", "5s"); err == nil {
+		t.Fatal("remove against no proxy succeeded")
+	}
+}
+
+// freshClient opens a new connection per request, as curl does.
+var freshClient = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+
+func runClient(args ...string) (string, error) {
+	var out bytes.Buffer
+	app := newApp()
+	app.Writer = &out
+	app.ErrWriter = io.Discard
+	err := app.Run(append([]string{"docker-flow-proxy"}, args...))
+	return out.String(), err
+}
+
+func fetch(t *testing.T, url string) string {
+	t.Helper()
+	resp, err := freshClient.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
