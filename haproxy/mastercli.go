@@ -107,7 +107,7 @@ type ProcInfo struct {
 	OldWorkers    []int // workers from before a reload that still finish their connections
 }
 
-// parseShowProc parses `show proc` of HAProxy 2.6:
+// ParseShowProc parses `show proc` of HAProxy 2.6:
 //
 //	#<PID>          <type>          <reloads>       <uptime>        <version>
 //	1234            master          1 [failed: 0]   0d00h00m10s     2.6.12-1+deb12u4
@@ -116,7 +116,7 @@ type ProcInfo struct {
 //	# old workers
 //	1236            worker          1               0d00h00m08s     2.6.12-1+deb12u4
 //	# programs
-func parseShowProc(s string) (ProcInfo, error) {
+func ParseShowProc(s string) (ProcInfo, error) {
 	var info ProcInfo
 	section := ""
 	master := false

@@ -403,7 +403,7 @@ func (p *Process) ShowProc(ctx context.Context) (ProcInfo, error) {
 	for {
 		out, err := query(ctx, p.sockPath, "show proc", dialRetry)
 		if err == nil {
-			info, err := parseShowProc(out)
+			info, err := ParseShowProc(out)
 			if err != nil {
 				return ProcInfo{}, fmt.Errorf("haproxy show proc: %w", err)
 			}
@@ -640,7 +640,7 @@ func (p *Process) pollProc(ctx context.Context, in *instance, ok func(ProcInfo) 
 		cancel()
 		if err == nil {
 			var info ProcInfo
-			if info, err = parseShowProc(out); err == nil {
+			if info, err = ParseShowProc(out); err == nil {
 				// Another master on the same socket (a stale one) is not ours.
 				if info.MasterPID == in.pid && ok(info) {
 					return info, nil

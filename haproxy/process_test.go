@@ -474,7 +474,7 @@ func TestParseShowProc(t *testing.T) {
 	}}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseShowProc(tt.in)
+			got, err := ParseShowProc(tt.in)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -484,8 +484,8 @@ func TestParseShowProc(t *testing.T) {
 		})
 	}
 	for _, bad := range []string{"", "Unknown command.\n", "#<PID> <type>\n1 master x [failed: 0] 0d 2.6\n"} {
-		if _, err := parseShowProc(bad); err == nil {
-			t.Errorf("parseShowProc(%q) succeeded", bad)
+		if _, err := ParseShowProc(bad); err == nil {
+			t.Errorf("ParseShowProc(%q) succeeded", bad)
 		}
 	}
 }

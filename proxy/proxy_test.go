@@ -3,6 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -79,4 +82,39 @@ func catalogOf(c *consul.Client) Catalog {
 	return catalogFunc(func(ctx context.Context, s string) ([]route.Instance, error) {
 		return c.Instances(ctx, s, consul.HealthPassing)
 	})
+}
+
+// A broken certificate dropped into the certificates folder makes every config fail `haproxy -c`:
+// a reconfigure must then change nothing, in KV or in what is served.
+func TestConfigRejectedByHAProxyChangesNothing(t *testing.T) {
+	c := testenv.StartConsul(t)
+	client, err := consul.New([]string{c.Addr}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certs := t.TempDir()
+	if err := os.WriteFile(filepath.Join(certs, "broken.pem"), []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := haproxy.DefaultSettings()
+	s.BindAddress, s.HTTPPort, s.HTTPSPort = "127.0.0.1", testenv.FreePort(t), testenv.FreePort(t)
+	s.CertsDir, s.HasCerts = certs, true
+	store := consul.NewStore(client, "docker-flow")
+	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
+	p := New(catalogOf(client), store, hap, s, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	before := p.Config()
+	_, err = p.Reconfigure(ctx, route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg})
+	var ce *haproxy.ConfigError
+	if !errors.Is(err, ErrConfig) || !errors.As(err, &ce) || !strings.Contains(ce.Output, "broken.pem") {
+		t.Fatalf("Reconfigure = %v; want ErrConfig carrying HAProxy's complaint about broken.pem", err)
+	}
+	if _, found, _ := store.Get(ctx, "books-ms"); found {
+		t.Fatal("a route whose config failed haproxy -c was written to KV")
+	}
+	if string(p.Config()) != string(before) {
+		t.Fatal("the route table changed although the config was rejected")
+	}
 }
