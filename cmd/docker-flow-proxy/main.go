@@ -33,7 +33,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"LOG_LEVEL"}, Usage: "debug, info, warn or error"},
 			&cli.StringFlag{Name: "log-format", Value: "text", EnvVars: []string{"LOG_FORMAT"}, Usage: "text or json"},
 		},
-		Commands: []*cli.Command{serverCommand(), reconfigureCommand(), removeCommand()},
+		Commands: []*cli.Command{serverCommand(), registratorCommand(), reconfigureCommand(), removeCommand()},
 	}
 }
 
