@@ -2,8 +2,10 @@
 # Installs what docker-flow-proxy's demo and tests need on a Debian machine, reusing what is there:
 #   - HAProxy from Debian's package
 #   - Consul, built from the Go module proxy at a pinned version and cached outside the clone
+#   - Docker (Debian's docker.io: dockerd 20.10) and docker-compose (Debian's, the v1 tool with
+#     `scale`) for the integration tests; scripts/docker.sh starts the daemon
 # Prints nothing but progress; exits non-zero when something cannot be installed.
-# Usage: scripts/setup.sh            (HAProxy + Consul)
+# Usage: scripts/setup.sh            (HAProxy + Consul + Docker + docker-compose)
 #        scripts/setup.sh --print-env (also prints export lines for the binaries found)
 set -euo pipefail
 
@@ -62,11 +64,30 @@ ensure_consul() {
   log "Consul cached at $bin"
 }
 
+ensure_docker() {
+  local pkgs=()
+  if ! command -v dockerd >/dev/null 2>&1 && [ ! -x /usr/sbin/dockerd ]; then
+    pkgs+=(docker.io)
+  fi
+  if ! command -v docker-compose >/dev/null 2>&1 && [ ! -x /usr/bin/docker-compose ]; then
+    pkgs+=(docker-compose)
+  fi
+  if [ "${#pkgs[@]}" -eq 0 ]; then
+    return
+  fi
+  apt_install "${pkgs[@]}"
+  # The package's own service is not ours: scripts/docker.sh starts dockerd when none answers.
+  # Where systemd runs, the package has started it already, and it serves the tests as it is.
+}
+
 ensure_haproxy
 ensure_consul
+ensure_docker
 
 if [ "${1:-}" = "--print-env" ]; then
   haproxy_bin="$(command -v haproxy || echo /usr/sbin/haproxy)"
   echo "export DFP_HAPROXY_BIN='$haproxy_bin'"
   echo "export DFP_CONSUL_BIN='${DFP_CONSUL_BIN:-$CONSUL_BIN_DEFAULT}'"
+  compose_bin="$(command -v docker-compose || echo /usr/bin/docker-compose)"
+  echo "export DFP_DOCKER_COMPOSE_BIN='${DFP_DOCKER_COMPOSE_BIN:-$compose_bin}'"
 fi

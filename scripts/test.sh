@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing (HAProxy, Consul), then the unit and integration tests
-# with the race detector against the real programs, then the demo's own check.
+# Runs every test: installs what is missing (HAProxy, Consul, Docker, docker-compose), starts the
+# Docker engine if none runs, then the unit and integration tests with the race detector against
+# the real programs, then the demo's own check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(scripts/setup.sh --print-env)"
-export DFP_HAPROXY_BIN DFP_CONSUL_BIN
+export DFP_HAPROXY_BIN DFP_CONSUL_BIN DFP_DOCKER_COMPOSE_BIN
+
+# The Docker engine of the integration tests: started here when none answers, and then stopped at
+# the end, whatever the outcome; one that was already running is left alone.
+trap 'scripts/docker.sh stop || true' EXIT
+trap 'exit 130' INT TERM
+scripts/docker.sh start
 
 echo "== gofmt"
 unformatted="$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))"
