@@ -146,6 +146,11 @@ func (b *Bridge) handle(ctx context.Context, ev Event) {
 		for _, id := range b.ofContainer(ev.ContainerID) {
 			b.deregister(ctx, id)
 		}
+	case "destroy":
+		// A removed container's services go, whatever the deregister policy.
+		for _, id := range b.ofContainer(ev.ContainerID) {
+			b.deregister(ctx, id)
+		}
 	}
 }
 

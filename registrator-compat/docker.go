@@ -21,7 +21,7 @@ type Docker interface {
 	Running(ctx context.Context) ([]string, error)
 	// Inspect reads a container; found is false when it no longer exists.
 	Inspect(ctx context.Context, id string) (c Container, state State, found bool, err error)
-	// Events streams container start and die events until ctx ends or the stream breaks.
+	// Events streams container start, die and destroy events until ctx ends or the stream breaks.
 	Events(ctx context.Context) (<-chan Event, <-chan error)
 }
 
@@ -31,9 +31,9 @@ type State struct {
 	ExitCode int
 }
 
-// Event is a container starting or dying.
+// Event is a container starting, dying or being removed.
 type Event struct {
-	Action      string // "start" or "die"
+	Action      string // "start", "die" or "destroy"
 	ContainerID string
 	ExitCode    int // for "die"
 }
@@ -87,12 +87,13 @@ func (e *Engine) Inspect(ctx context.Context, id string) (Container, State, bool
 	return c, st, true, nil
 }
 
-// Events streams container start and die events.
+// Events streams container start, die and destroy events.
 func (e *Engine) Events(ctx context.Context) (<-chan Event, <-chan error) {
 	msgs, errs := e.c.Events(ctx, events.ListOptions{Filters: filters.NewArgs(
 		filters.Arg("type", string(events.ContainerEventType)),
 		filters.Arg("event", string(events.ActionStart)),
 		filters.Arg("event", string(events.ActionDie)),
+		filters.Arg("event", string(events.ActionDestroy)),
 	)})
 	out := make(chan Event)
 	outErr := make(chan error, 1)
