@@ -6,6 +6,7 @@
 #                             answers (60 s at most) and records its pid in .tmp/dockerd.started
 #   scripts/docker.sh stop    stops the dockerd recorded by start (SIGTERM, 30 s, then SIGKILL);
 #                             does nothing when start found a daemon already running
+#   scripts/docker.sh restart stops and starts the dockerd recorded by start; refuses any other
 #   scripts/docker.sh status  says whether a daemon answers and whether this script started it
 # Both are idempotent. dockerd needs root: as another user, sudo is used.
 set -euo pipefail
@@ -137,6 +138,17 @@ stop() {
   rm -f "$STATE"
 }
 
+# restart: stops and starts again a dockerd that this script started (for the test of a registrar
+# that must follow a restarted engine); refuses to touch any other daemon.
+restart() {
+  if [ -z "$(recorded_pid)" ]; then
+    log "refusing to restart a Docker daemon that scripts/docker.sh did not start"
+    return 1
+  fi
+  stop
+  start
+}
+
 status() {
   local pid
   pid="$(recorded_pid)"
@@ -147,9 +159,10 @@ status() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  restart) restart ;;
   status) status ;;
   *)
-    echo "usage: $0 start|stop|status" >&2
+    echo "usage: $0 start|stop|restart|status" >&2
     exit 2
     ;;
 esac

@@ -21,6 +21,15 @@ echo "== go vet"
 go vet ./...
 echo "== go test -race"
 go test -race -count=1 -timeout 40m ./...
+echo "== go test: the registrar follows a restarted Docker engine"
+# Alone, after the others: it restarts the engine, which only a daemon started by this script allows.
+if [ -f .tmp/dockerd.started ]; then
+  DFP_DOCKERD_RESTART=1 go test -race -count=1 -timeout 10m -run TestRegistrarFollowsARestartedEngine ./e2e/
+elif [ "${CI:-}" = "true" ]; then
+  echo "the Docker engine was not started by scripts/docker.sh, so it cannot be restarted for this test"; exit 1
+else
+  echo "skipped: the Docker engine was not started by scripts/docker.sh, which restarts only its own"
+fi
 echo "== demo check"
 DEMO_CONSUL_PORT="${DEMO_CONSUL_PORT:-18500}" DEMO_HTTP_PORT="${DEMO_HTTP_PORT:-18000}" \
 DEMO_API_PORT="${DEMO_API_PORT:-18080}" DEMO_BACKEND_PORTS="${DEMO_BACKEND_PORTS:-19001 19002}" \
