@@ -7,15 +7,18 @@
 #   scripts/docker.sh stop    stops the dockerd recorded by start (SIGTERM, 30 s, then SIGKILL);
 #                             does nothing when start found a daemon already running
 #   scripts/docker.sh restart stops and starts the dockerd recorded by start; refuses any other
+#   scripts/docker.sh started exits 0 when a dockerd started by this script runs
 #   scripts/docker.sh status  says whether a daemon answers and whether this script started it
 # Both are idempotent. dockerd needs root: as another user, sudo is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SOCK=/var/run/docker.sock
-STATE_DIR="$(pwd)/.tmp"
+# The engine belongs to the machine, not to one clone: so does the record of who started it
+# (under /run, which a reboot clears). The log stays with the clone.
+STATE_DIR="${DFP_STATE_DIR:-/run/docker-flow-proxy}"
 STATE="$STATE_DIR/dockerd.started"
-LOG="$STATE_DIR/dockerd.log"
+LOG="$(pwd)/.tmp/dockerd.log"
 START_TIMEOUT="${DFP_DOCKERD_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${DFP_DOCKERD_STOP_TIMEOUT:-30}"
 
@@ -100,7 +103,7 @@ start() {
   local dockerd
   dockerd="$(command -v dockerd || echo /usr/sbin/dockerd)"
 
-  mkdir -p "$STATE_DIR"
+  mkdir -p "$STATE_DIR" "$(dirname "$LOG")"
   log "starting dockerd (log in $LOG)"
   printf '\n== %s scripts/docker.sh start\n' "$(date -u +%FT%TZ)" >>"$LOG"
   # setsid: the daemon outlives this script and gets no signal meant for the caller's job.
@@ -160,9 +163,10 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   restart) restart ;;
+  started) [ -n "$(recorded_pid)" ] ;;
   status) status ;;
   *)
-    echo "usage: $0 start|stop|restart|status" >&2
+    echo "usage: $0 start|stop|restart|started|status" >&2
     exit 2
     ;;
 esac

@@ -23,7 +23,7 @@ echo "== go test -race"
 go test -race -count=1 -timeout 40m ./...
 echo "== go test: the registrar follows a restarted Docker engine"
 # Alone, after the others: it restarts the engine, which only a daemon started by this script allows.
-if [ -f .tmp/dockerd.started ]; then
+if scripts/docker.sh started; then
   DFP_DOCKERD_RESTART=1 go test -race -count=1 -timeout 10m -run TestRegistrarFollowsARestartedEngine ./e2e/
 elif [ "${CI:-}" = "true" ]; then
   echo "the Docker engine was not started by scripts/docker.sh, so it cannot be restarted for this test"; exit 1
