@@ -236,7 +236,9 @@ func TestRegistrarKilledThenCleanupRemovesWhatItLeft(t *testing.T) {
 
 func TestComposeScaleAndOneReconfigureBalanceOverEveryContainer(t *testing.T) {
 	w := newWorld(t)
-	w.registrar()
+	// The registrar configured the urfave/cli way: --flags and environment variables.
+	start(t, []string{"REGISTRATOR_IP=127.0.0.1", "REGISTRATOR_HOSTNAME=" + w.host, "REGISTRATOR_URI=consul://" + w.consul.Addr},
+		"registrator", "--retry-interval=200", "--deregister", "always")
 	httpPort, apiPort := testenv.FreePort(t), testenv.FreePort(t)
 	start(t, []string{"CONSUL_ADDRESS=" + w.consul.Addr, "BIND_ADDRESS=127.0.0.1", "HTTP_PORT=" + strconv.Itoa(httpPort),
 		"API_PORT=" + strconv.Itoa(apiPort), "CONFIG_DIR=" + t.TempDir(), "CERTS_DIR=" + t.TempDir(),

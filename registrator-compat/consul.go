@@ -54,7 +54,10 @@ func nonNilMap(m map[string]string) map[string]string {
 }
 
 // Consul registers services with a Consul agent's /v1/agent API.
-type Consul struct{ c *api.Client }
+type Consul struct {
+	c               *api.Client
+	address, scheme string // as read from the URI
+}
 
 // NewConsul reads Registrator's backend URIs: consul://host:port, consul-tls://host:port and
 // consul-unix:///path/to/consul.sock. The ACL token comes from CONSUL_HTTP_TOKEN and TLS files from
@@ -86,7 +89,7 @@ func NewConsul(uri string) (*Consul, error) {
 	if err != nil {
 		return nil, fmt.Errorf("consul client for %s: %w", uri, err)
 	}
-	return &Consul{c: c}, nil
+	return &Consul{c: c, address: cfg.Address, scheme: cfg.Scheme}, nil
 }
 
 func hostOrDefault(h string) string {
