@@ -21,6 +21,8 @@ echo "== go vet"
 go vet ./...
 echo "== go test -race"
 go test -race -count=1 -timeout 40m ./...
+echo "== fuzz: any reconfigure query is refused or renders a config that passes haproxy -c (20 s)"
+go test -run '^$' -fuzz FuzzReconfigureQuery -fuzztime 20s ./haproxy/
 echo "== go test: the registrar follows a restarted Docker engine"
 # Alone, after the others: it restarts the engine, which only a daemon started by this script allows.
 if scripts/docker.sh started; then
