@@ -150,11 +150,16 @@ func (p *Proxy) Remove(ctx context.Context, serviceName string) (bool, error) {
 	return c.existed, nil
 }
 
-// change is one reconfigure (route set) or remove (route nil) waiting to be applied.
+// change is one reconfigure (route set) or remove (route nil) waiting to be applied, or what a
+// watch of Consul observed: a service's new instances, or a route written by another replica.
 type change struct {
 	service string
 	route   *route.Route
 	done    chan error
+	// observed changes come from Consul: they are applied to HAProxy and never written back.
+	observed bool
+	// instancesOnly replaces the instances of a served route (c.instances), if it is served.
+	instancesOnly bool
 
 	// Filled in while the change is applied.
 	instances []route.Instance
@@ -164,9 +169,9 @@ type change struct {
 
 // submit queues a change and applies it. Changes that arrive while a reload runs are applied
 // together by the next caller that takes the lock: one validation and one reload for all of them.
-func (p *Proxy) submit(ctx context.Context, c *change) error {
+func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 	p.qmu.Lock()
-	p.queue = append(p.queue, c)
+	p.queue = append(p.queue, cs...)
 	p.qmu.Unlock()
 
 	p.mu.Lock()
@@ -182,7 +187,55 @@ func (p *Proxy) submit(ctx context.Context, c *change) error {
 		cancel()
 	}
 	p.mu.Unlock()
-	return <-c.done
+	var first error
+	for _, c := range cs {
+		if err := <-c.done; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// UpdateInstances applies a service's instances as a watch of the catalog saw them. Every route
+// whose Consul service it is gets them; nothing is written to KV. A change that yields the same
+// config causes no reload.
+func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst []route.Instance) error {
+	var cs []*change
+	for _, b := range p.Routes() {
+		if b.Route.ConsulService() == consulService {
+			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
+				instances: inst, done: make(chan error, 1)})
+		}
+	}
+	if len(cs) == 0 {
+		return nil
+	}
+	return p.submit(ctx, cs...)
+}
+
+// SyncRoutes makes the served routes those of the route table read from KV (written by this or
+// another replica): new and changed routes are served with their instances read from the catalog,
+// routes no longer in KV are removed. Nothing is written to KV.
+func (p *Proxy) SyncRoutes(ctx context.Context, routes []route.Route) error {
+	current := map[string]route.Route{}
+	for _, b := range p.Routes() {
+		current[b.Route.ServiceName] = b.Route
+	}
+	var cs []*change
+	for _, r := range routes {
+		if old, ok := current[r.ServiceName]; !ok || !old.Equal(r) {
+			r := r
+			cs = append(cs, &change{service: r.ServiceName, route: &r, observed: true, done: make(chan error, 1)})
+		}
+		delete(current, r.ServiceName)
+	}
+	for name := range current {
+		cs = append(cs, &change{service: name, observed: true, done: make(chan error, 1)})
+	}
+	if len(cs) == 0 {
+		return nil
+	}
+	return p.submit(ctx, cs...)
 }
 
 // commitLocked applies a batch of changes in the order that keeps every failure harmless: read the
@@ -191,7 +244,7 @@ func (p *Proxy) submit(ctx context.Context, c *change) error {
 func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	var ready []*change
 	for _, c := range batch {
-		if c.route != nil {
+		if c.route != nil && !c.instancesOnly {
 			inst, err := p.catalog.Instances(ctx, c.route.ConsulService())
 			if err != nil {
 				c.done <- fmt.Errorf("read instances of %s: %w: %w", c.route.ConsulService(), ErrConsul, err)
@@ -220,6 +273,10 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 	var written []*change
 	for _, c := range ready {
+		if c.observed {
+			written = append(written, c) // already in Consul
+			continue
+		}
 		if err := p.write(ctx, c); err != nil {
 			c.done <- fmt.Errorf("write route table: %w: %w", ErrConsul, err)
 			continue
@@ -239,6 +296,9 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), restoreTimeout)
 		defer cancel()
 		for i := len(written) - 1; i >= 0; i-- {
+			if written[i].observed {
+				continue
+			}
 			if rerr := p.restore(rctx, written[i]); rerr != nil {
 				p.log.Error("reload failed and KV could not be restored", "service", written[i].service, "error", err, "restore_error", rerr)
 			}
@@ -263,6 +323,12 @@ func (p *Proxy) nextLocked(changes []*change) map[string]route.Backend {
 	}
 	for _, c := range changes {
 		c.old, c.existed = next[c.service]
+		if c.instancesOnly {
+			if c.existed {
+				next[c.service] = route.Backend{Route: c.old.Route, Instances: c.instances}
+			}
+			continue
+		}
 		if c.route == nil {
 			delete(next, c.service)
 		} else {

@@ -1,0 +1,94 @@
+package proxy
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	capi "github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// What a watch of Consul observes is applied to HAProxy and never written back to KV; an
+// observation that changes nothing causes no reload.
+func TestObservedChangesReachHAProxyOnly(t *testing.T) {
+	c := testenv.StartConsul(t)
+	c.RegisterService("books-ms", "b1", "127.0.0.1", 9001)
+	client, err := consul.New([]string{c.Addr}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := consul.NewStore(client, "docker-flow")
+	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
+	s := haproxy.DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	p := New(catalogOf(client), store, hap, s, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cfg, err := p.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hap.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = hap.Stop(context.Background()) })
+	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
+	if _, err := p.Reconfigure(ctx, books); err != nil {
+		t.Fatal(err)
+	}
+	api, _ := capi.NewClient(&capi.Config{Address: c.Addr})
+	kvIndex := func() uint64 {
+		_, meta, err := api.KV().List("docker-flow/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return meta.LastIndex
+	}
+	reloads := func() int {
+		info, err := hap.ShowProc(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return info.Reloads
+	}
+	kvBefore := kvIndex()
+
+	two := []route.Instance{{Address: "127.0.0.1", Port: 9001}, {Address: "127.0.0.1", Port: 9002}}
+	if err := p.UpdateInstances(ctx, "books-ms", two); err != nil {
+		t.Fatal(err)
+	}
+	if served := string(hap.Config()); strings.Count(served, "    server ") != 2 {
+		t.Fatalf("after two instances were observed HAProxy serves:\n%s", served)
+	}
+	r := reloads()
+	if err := p.UpdateInstances(ctx, "books-ms", two); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.UpdateInstances(ctx, "not-routed", two); err != nil {
+		t.Fatal(err)
+	}
+	if reloads() != r {
+		t.Fatal("observing the same instances, or those of a service no route uses, reloaded HAProxy")
+	}
+
+	other := route.Route{ServiceName: "other", ServicePath: []string{"/other"}, PathType: route.PathBeg}
+	if err := p.SyncRoutes(ctx, []route.Route{other}); err != nil {
+		t.Fatal(err)
+	}
+	served := string(hap.Config())
+	if !strings.Contains(served, "backend other-be") || strings.Contains(served, "books-ms") {
+		t.Fatalf("after the route table other was observed HAProxy serves:\n%s", served)
+	}
+	if kvIndex() != kvBefore {
+		t.Fatal("observed changes were written back to KV")
+	}
+	if _, found, _ := store.Get(ctx, "books-ms"); !found {
+		t.Fatal("an observed route table removed a route from KV")
+	}
+}
