@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,6 +29,8 @@ type Settings struct {
 	ConnectTimeout time.Duration
 	ClientTimeout  time.Duration
 	ServerTimeout  time.Duration
+	// Users (USERS) protects every route that lists no users of its own with HTTP basic auth.
+	Users []route.User
 }
 
 // DefaultSettings are the settings the server starts with before flags override them.
@@ -86,17 +89,54 @@ func Render(s Settings, backends []route.Backend) []byte {
 	}
 	for _, be := range routingOrder(bs) {
 		r := be.Route
-		cond := "url_" + r.ServiceName
+		cond := "url_" + aclID(r)
 		if len(r.ServiceDomain) > 0 {
-			cond += " domain_" + r.ServiceName
+			cond += " domain_" + aclID(r)
 		}
 		w("    use_backend %s if %s", r.BackendName(), cond)
 	}
 	for _, be := range bs {
+		users := usersOf(s, be.Route)
+		if len(users) > 0 {
+			w("")
+			writeUserlist(w, be.Route, users)
+		}
 		w("")
-		writeBackend(w, be)
+		writeBackend(w, be, len(users) > 0)
 	}
 	return b.Bytes()
+}
+
+// aclID names a route's ACLs: the service name, and the aclName after a ':' (a character no
+// service name has, so two routes never share an ACL).
+func aclID(r route.Route) string {
+	if r.ACLName != "" {
+		return r.ServiceName + ":" + r.ACLName
+	}
+	return r.ServiceName
+}
+
+// usersOf returns the users who may use a route: its own, or else the server-wide ones.
+func usersOf(s Settings, r route.Route) []route.User {
+	if len(r.Users) > 0 {
+		return r.Users
+	}
+	return s.Users
+}
+
+func userlistName(r route.Route) string { return r.ServiceName + "-users" }
+
+// writeUserlist writes the route's users. Passwords are single-quoted: HAProxy reads nothing inside
+// single quotes, and a crypt hash is full of '$'.
+func writeUserlist(w func(string, ...any), r route.Route, users []route.User) {
+	w("userlist %s", userlistName(r))
+	for _, u := range users {
+		kind := "insecure-password"
+		if u.Hashed() {
+			kind = "password"
+		}
+		w("    user %s %s '%s'", u.Name, kind, u.Password)
+	}
 }
 
 // maxPatternsPerLine keeps each acl line far below HAProxy's 64 words per line.
@@ -113,17 +153,28 @@ func writeACLs(w func(string, ...any), r route.Route) {
 		}
 	}
 	for _, chunk := range chunks(paths, maxPatternsPerLine) {
-		w("    acl url_%s %s -- %s", r.ServiceName, r.PathType, strings.Join(chunk, " "))
+		w("    acl url_%s %s -- %s", aclID(r), r.PathType, strings.Join(chunk, " "))
 	}
-	// The Host header without its port, matched exactly and case-insensitively.
+	// The Host header without its port, matched exactly and case-insensitively; with
+	// ServiceDomainMatchAll also every name that ends with "."+domain.
 	for _, chunk := range chunks(r.ServiceDomain, maxPatternsPerLine) {
-		w("    acl domain_%s req.hdr(host),field(1,:) -i -- %s", r.ServiceName, strings.Join(chunk, " "))
+		w("    acl domain_%s req.hdr(host),field(1,:) -i -- %s", aclID(r), strings.Join(chunk, " "))
+	}
+	if r.ServiceDomainMatchAll {
+		subs := make([]string, len(r.ServiceDomain))
+		for i, d := range r.ServiceDomain {
+			subs[i] = "." + d
+		}
+		for _, chunk := range chunks(subs, maxPatternsPerLine) {
+			w("    acl domain_%s req.hdr(host),field(1,:) -i -m end -- %s", aclID(r), strings.Join(chunk, " "))
+		}
 	}
 }
 
-// routingOrder puts the most specific routes first, since HAProxy uses the first use_backend that
-// matches: routes restricted to domains before the others, then longer paths before shorter ones
-// (so /api does not shadow /api/v1/books), then by name.
+// routingOrder puts the routes in the order HAProxy tries them (it uses the first use_backend that
+// matches): routes with an aclName first, in aclName order; then the most specific: routes
+// restricted to domains before the others, then longer paths before shorter ones (so /api does
+// not shadow /api/v1/books); then by name.
 func routingOrder(bs []route.Backend) []route.Backend {
 	out := make([]route.Backend, len(bs))
 	copy(out, bs)
@@ -136,6 +187,12 @@ func routingOrder(bs []route.Backend) []route.Backend {
 	}
 	sort.SliceStable(out, func(i, j int) bool {
 		a, b := out[i].Route, out[j].Route
+		if (a.ACLName != "") != (b.ACLName != "") {
+			return a.ACLName != ""
+		}
+		if a.ACLName != b.ACLName {
+			return a.ACLName < b.ACLName
+		}
 		if da, db := len(a.ServiceDomain) > 0, len(b.ServiceDomain) > 0; da != db {
 			return da
 		}
@@ -147,17 +204,72 @@ func routingOrder(bs []route.Backend) []route.Backend {
 	return out
 }
 
-func writeBackend(w func(string, ...any), be route.Backend) {
-	w("backend %s", be.Route.BackendName())
+func writeBackend(w func(string, ...any), be route.Backend, auth bool) {
+	r := be.Route
+	w("backend %s", r.BackendName())
 	w("    balance roundrobin")
+	if r.TimeoutServer > 0 {
+		w("    timeout server %ds", r.TimeoutServer)
+	}
+	if r.TimeoutTunnel > 0 {
+		w("    timeout tunnel %ds", r.TimeoutTunnel)
+	}
+	// Redirects first: credentials are asked for only over https. Behind a TLS-terminating load
+	// balancer every connection is plain, so X-Forwarded-Proto decides instead of the connection.
+	switch {
+	case r.RedirectWhenHTTPProto:
+		w("    http-request redirect scheme https code 301 if { req.hdr(x-forwarded-proto) -i http }")
+	case r.HTTPSOnly:
+		w("    http-request redirect scheme https code 301 if !{ ssl_fc }")
+	}
+	if auth {
+		w("    http-request auth realm %s if !{ http_auth(%s) }", r.ServiceName, userlistName(r))
+	}
+	if r.XForwardedProto {
+		w("    http-request set-header X-Forwarded-Proto https if { ssl_fc }")
+		w("    http-request set-header X-Forwarded-Proto http if !{ ssl_fc }")
+	}
+	// Header values are log-format strings: validation keeps '%' out, single quotes keep the rest literal.
+	for _, h := range r.AddHeader {
+		w("    http-request add-header %s '%s'", h.Name, h.Value)
+	}
+	for _, h := range r.SetHeader {
+		w("    http-request set-header %s '%s'", h.Name, h.Value)
+	}
+	if r.OutboundHostname != "" {
+		w("    http-request set-header Host '%s'", r.OutboundHostname)
+	}
+	if r.ReqPathSearch != "" {
+		regex, format := pathRewrite(r.ReqPathSearch, r.ReqPathReplace)
+		w("    http-request replace-path '%s' '%s'", regex, format)
+	}
 	check := " check"
-	if be.Route.SkipCheck {
+	if r.SkipCheck {
 		check = ""
 	}
 	for _, inst := range SortedInstances(be.Instances) {
 		w("    server %s %s%s", ServerName(inst), inst.HostPort(), check)
 	}
 }
+
+// pathRewrite turns a substitution (the first match of search becomes replace, as the original's
+// regsub) into replace-path's terms, which replace the whole path: the regex captures what comes
+// before the match (\1), the match (\2, so search's own groups move up by 2) and what comes after
+// (the last group). The format is a log-format string: a literal '%' is written '%%'.
+func pathRewrite(search, replace string) (regex, format string) {
+	groups := 0
+	if re, err := regexp.Compile(search); err == nil {
+		groups = re.NumSubexp()
+	}
+	shifted := backReference.ReplaceAllStringFunc(replace, func(ref string) string {
+		return `\` + strconv.Itoa(int(ref[1]-'0')+2)
+	})
+	regex = "^(.*?)(" + search + ")(.*)$"
+	format = `\1` + strings.ReplaceAll(shifted, "%", "%%") + `\` + strconv.Itoa(groups+3)
+	return regex, format
+}
+
+var backReference = regexp.MustCompile(`\\[0-9]`)
 
 // SortedInstances orders instances by address and port and drops duplicates.
 func SortedInstances(in []route.Instance) []route.Instance {

@@ -5,12 +5,14 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route/routetest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
@@ -23,6 +25,15 @@ func testSettings() Settings {
 	return s
 }
 
+// caseSettings returns the settings a golden case is rendered with: the server-wide users (USERS)
+// for the case "server-users", s for the others.
+func caseSettings(name string, s Settings) Settings {
+	if name == "server-users" {
+		s.Users = []route.User{{Name: "admin", Password: "clear-text"}, {Name: "ops", Password: routetest.Hash}}
+	}
+	return s
+}
+
 func renderCases() map[string][]route.Backend {
 	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
 	three := []route.Instance{{Address: "10.0.0.3", Port: 32768}, {Address: "10.0.0.1", Port: 32770}, {Address: "10.0.0.2", Port: 32769}}
@@ -30,9 +41,33 @@ func renderCases() map[string][]route.Backend {
 	for i := range many {
 		many[i] = "/p" + strings.Repeat("x", i%3) + string(rune('a'+i%26)) + "/" + string(rune('a'+i/26))
 	}
+	local := []route.Instance{{Address: "127.0.0.1", Port: 9000}}
+	everything := route.Route{
+		ServiceName: "everything", ServicePath: []string{"/vote", "/http"}, PathType: route.PathBeg,
+		ServiceDomain: []string{"a.example.com", "b.example.com"}, ServiceDomainMatchAll: true,
+		ACLName: "10-everything", HTTPSOnly: true,
+		Users: []route.User{{Name: "alice", Password: routetest.Hash}, {Name: "bob", Password: routetest.Hash}}, UsersPassEncrypted: true,
+		ReqPathSearch: `^/vote/(.*)$`, ReqPathReplace: `/ballot%20box/\1`, OutboundHostname: "internal.example.com",
+		XForwardedProto: true,
+		AddHeader:       []route.Header{{Name: "X-Added", Value: "one two"}, {Name: "X-Added", Value: "three"}},
+		SetHeader:       []route.Header{{Name: "X-Set", Value: "a=b;c"}},
+		TimeoutServer:   5, TimeoutTunnel: 3600,
+	}
 	return map[string][]route.Backend{
 		"empty":    nil,
 		"books-ms": {{Route: books, Instances: three}},
+		"options": {
+			{Route: everything, Instances: local},
+			{Route: route.Route{ServiceName: "first", ServicePath: []string{"/"}, PathType: route.PathBeg, ACLName: "05-first",
+				RedirectWhenHTTPProto: true, Users: []route.User{{Name: "carol", Password: "pa:ss%1"}}}, Instances: local},
+			{Route: books, Instances: three},
+		},
+		// With USERS (caseSettings): every route without users of its own asks for those.
+		"server-users": {
+			{Route: books, Instances: three},
+			{Route: route.Route{ServiceName: "own", ServicePath: []string{"/own"}, PathType: route.PathBeg,
+				Users: []route.User{{Name: "dave", Password: "x"}}}, Instances: local},
+		},
 		"several": {
 			{Route: route.Route{ServiceName: "api", ServicePath: []string{"/api"}, PathType: route.PathBeg},
 				Instances: []route.Instance{{Address: "127.0.0.1", Port: 9000}, {Address: "127.0.0.1", Port: 9000}}},
@@ -49,7 +84,12 @@ func renderCases() map[string][]route.Backend {
 func TestRenderGolden(t *testing.T) {
 	for name, backends := range renderCases() {
 		t.Run(name, func(t *testing.T) {
-			got := Render(testSettings(), backends)
+			for _, b := range backends {
+				if err := b.Route.Validate(); err != nil {
+					t.Fatalf("the case's route %s is not valid: %v", b.Route.ServiceName, err)
+				}
+			}
+			got := Render(caseSettings(name, testSettings()), backends)
 			golden := filepath.Join("testdata", name+".cfg")
 			if *update {
 				if err := os.WriteFile(golden, got, 0o644); err != nil {
@@ -62,6 +102,9 @@ func TestRenderGolden(t *testing.T) {
 			}
 			if string(got) != string(want) {
 				t.Errorf("rendered config differs from %s:\n%s", golden, got)
+			}
+			if err := shapeError(string(got)); err != nil {
+				t.Errorf("%s: %v", golden, err)
 			}
 		})
 	}
@@ -93,9 +136,53 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 	p := NewProcess(Options{Binary: bin, Dir: dir})
 	for name, backends := range renderCases() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		if err := p.Validate(ctx, Render(s, backends)); err != nil {
+		if err := p.Validate(ctx, Render(caseSettings(name, s), backends)); err != nil {
 			t.Errorf("%s: haproxy -c rejects the rendered config: %v", name, err)
 		}
 		cancel()
+	}
+}
+
+// replacePath applies replace-path as HAProxy does: when regex matches the path, the whole path
+// becomes the format, with \N replaced by group N and %% by %.
+func replacePath(regex, format, path string) string {
+	m := regexp.MustCompile(regex).FindStringSubmatch(path)
+	if m == nil {
+		return path
+	}
+	out := regexp.MustCompile(`\\[0-9]`).ReplaceAllStringFunc(format, func(ref string) string { return m[ref[1]-'0'] })
+	return strings.ReplaceAll(out, "%%", "%")
+}
+
+// substitute is the original's regsub: the first match of search becomes replace.
+func substitute(search, replace, path string) string {
+	re := regexp.MustCompile(search)
+	loc := re.FindStringSubmatchIndex(path)
+	if loc == nil {
+		return path
+	}
+	tmpl := regexp.MustCompile(`\\([0-9])`).ReplaceAllString(replace, "$${$1}")
+	return path[:loc[0]] + string(re.ExpandString(nil, tmpl, path, loc)) + path[loc[1]:]
+}
+
+func TestPathRewriteSubstitutesTheFirstMatch(t *testing.T) {
+	tests := []struct{ search, replace, path, want string }{
+		{"/http/", "/renamed/", "/http/x/y", "/renamed/x/y"},
+		{"^/vote/", "/", "/vote/a/b", "/a/b"},
+		{"^/vote/", "/", "/other/vote/", "/other/vote/"},
+		{"/vote/", "/", "/other/vote/x", "/other/x"},
+		{"a", "b", "/aaa", "/baa"},
+		{`^/items/([0-9]+)$`, `/item%20\1`, "/items/42", "/item%2042"},
+		{`^/items/([0-9]+)$`, `/item%20\1`, "/items/42/x", "/items/42/x"},
+		{`/(v[0-9])/(.*)\.json$`, `/\2/\1\0`, "/api/v2/books.json", "/api/books/v2/v2/books.json"},
+		{`(a)(b)(c)(d)(e)(f)`, `\6\5\4\3\2\1`, "/xabcdefy", "/xfedcbay"},
+		{`x*`, "/pre", "/path", "/pre/path"},
+	}
+	for _, tc := range tests {
+		regex, format := pathRewrite(tc.search, tc.replace)
+		got := replacePath(regex, format, tc.path)
+		if got != tc.want || got != substitute(tc.search, tc.replace, tc.path) {
+			t.Errorf("%s -> %s on %s: replace-path %q %q gives %s, want %s", tc.search, tc.replace, tc.path, regex, format, got, tc.want)
+		}
 	}
 }

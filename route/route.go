@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,7 +29,8 @@ const DefaultPathType = PathBeg
 
 var pathTypes = []PathType{PathBeg, Path, PathEnd, PathReg, PathDir}
 
-// Route is one service's routing rule: which requests reach the instances of which Consul service.
+// Route is one service's routing rule: which requests reach the instances of which Consul service,
+// and what happens to them on the way.
 type Route struct {
 	// ServiceName names the route and the HAProxy backend (<ServiceName>-be).
 	ServiceName string
@@ -42,6 +44,58 @@ type Route struct {
 	PathType PathType
 	// SkipCheck drops HAProxy's health checks of the service's instances.
 	SkipCheck bool
+
+	// Matching.
+	// ServiceDomainMatchAll makes ServiceDomain match its subdomains too (a.com matches x.a.com).
+	ServiceDomainMatchAll bool
+	// ACLName, when set, matches the route before every route without one, in ACLName order.
+	ACLName string
+
+	// Access: the client must use HTTPS, or give credentials.
+	// HTTPSOnly redirects requests that did not come over TLS to https (301).
+	HTTPSOnly bool
+	// RedirectWhenHTTPProto redirects to https (301) the requests whose X-Forwarded-Proto is http,
+	// for a TLS-terminating load balancer in front of the proxy.
+	RedirectWhenHTTPProto bool
+	// Users may use the route (HTTP basic auth). Without them, the server-wide users apply, if any.
+	Users []User
+	// UsersPassEncrypted says the users' passwords are SHA-512 crypt hashes ($6$...).
+	UsersPassEncrypted bool
+
+	// Rewriting: what the backend sees.
+	// ReqPathSearch (a regular expression) and ReqPathReplace rewrite the request's path: the first
+	// match of ReqPathSearch becomes ReqPathReplace (\1 to \6 refer to its groups), as sed's s/// does.
+	ReqPathSearch  string
+	ReqPathReplace string
+	// OutboundHostname replaces the request's Host header.
+	OutboundHostname string
+	// XForwardedProto sets X-Forwarded-Proto to https or http, as the client connected.
+	XForwardedProto bool
+	// AddHeader lists headers added to the request, SetHeader headers that replace the request's own.
+	AddHeader []Header
+	SetHeader []Header
+
+	// Timeouts, in seconds; 0 keeps the proxy-wide default.
+	// TimeoutServer bounds how long the proxy waits for the service's answer.
+	TimeoutServer int
+	// TimeoutTunnel bounds how long a tunnel (WebSocket, CONNECT) may stay idle.
+	TimeoutTunnel int
+}
+
+// User is a user name and password of HTTP basic auth.
+type User struct {
+	Name     string
+	Password string
+}
+
+// Hashed reports whether the password is a SHA-512 crypt hash rather than the password itself.
+// Validation keeps '$' out of clear passwords, so the shape tells the two apart.
+func (u User) Hashed() bool { return sha512CryptPattern.MatchString(u.Password) }
+
+// Header is a request header the proxy adds or sets.
+type Header struct {
+	Name  string
+	Value string
 }
 
 // Instance is one running copy of a service, as the Consul catalog knows it.
@@ -80,19 +134,14 @@ func (r Route) BackendName() string { return r.ServiceName + "-be" }
 func (r Route) Equal(o Route) bool {
 	return r.ServiceName == o.ServiceName && r.ServiceColor == o.ServiceColor &&
 		r.PathType == o.PathType && r.SkipCheck == o.SkipCheck &&
-		equalStrings(r.ServicePath, o.ServicePath) && equalStrings(r.ServiceDomain, o.ServiceDomain)
-}
-
-func equalStrings(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
+		slices.Equal(r.ServicePath, o.ServicePath) && slices.Equal(r.ServiceDomain, o.ServiceDomain) &&
+		r.ServiceDomainMatchAll == o.ServiceDomainMatchAll && r.ACLName == o.ACLName &&
+		r.HTTPSOnly == o.HTTPSOnly && r.RedirectWhenHTTPProto == o.RedirectWhenHTTPProto &&
+		slices.Equal(r.Users, o.Users) && r.UsersPassEncrypted == o.UsersPassEncrypted &&
+		r.ReqPathSearch == o.ReqPathSearch && r.ReqPathReplace == o.ReqPathReplace &&
+		r.OutboundHostname == o.OutboundHostname && r.XForwardedProto == o.XForwardedProto &&
+		slices.Equal(r.AddHeader, o.AddHeader) && slices.Equal(r.SetHeader, o.SetHeader) &&
+		r.TimeoutServer == o.TimeoutServer && r.TimeoutTunnel == o.TimeoutTunnel
 }
 
 // ParamError is a request parameter that cannot be accepted. The API answers it with HTTP 400.
@@ -115,16 +164,39 @@ const (
 	ParamServiceDomain = "serviceDomain"
 	ParamPathType      = "pathType"
 	ParamSkipCheck     = "skipCheck"
+
+	ParamServiceDomainMatchAll = "serviceDomainMatchAll"
+	ParamACLName               = "aclName"
+	ParamHTTPSOnly             = "httpsOnly"
+	ParamRedirectWhenHTTPProto = "redirectWhenHttpProto"
+	ParamUsers                 = "users"
+	ParamUsersPassEncrypted    = "usersPassEncrypted"
+	ParamReqPathSearch         = "reqPathSearch"
+	ParamReqPathReplace        = "reqPathReplace"
+	ParamOutboundHostname      = "outboundHostname"
+	ParamXForwardedProto       = "xForwardedProto"
+	ParamAddHeader             = "addHeader"
+	ParamSetHeader             = "setHeader"
+	ParamTimeoutServer         = "timeoutServer"
+	ParamTimeoutTunnel         = "timeoutTunnel"
 )
 
 // Unsupported lists the original product's reconfigure parameters that this version does not
 // implement. A request that sets one is refused rather than served with a different meaning.
 var Unsupported = []string{
-	"reqPathSearch", "reqPathReplace", "users", "usersPassEncrypted", "httpsOnly", "redirectWhenHttpProto",
-	"xForwardedProto", "addHeader", "setHeader", "timeoutServer", "timeoutTunnel", "aclName",
-	"serviceDomainMatchAll", "outboundHostname", "serviceCert", "reqMode", "srcPort", "port",
+	"serviceCert", "reqMode", "srcPort", "port",
 	"templateFePath", "templateBePath", "consulTemplateFePath", "consulTemplateBePath",
 }
+
+// listParams may be repeated or given as comma lists; scalarParams are given once.
+var (
+	listParams   = []string{ParamServicePath, ParamServiceDomain, ParamUsers, ParamAddHeader, ParamSetHeader}
+	scalarParams = []string{
+		ParamServiceName, ParamServiceColor, ParamPathType, ParamSkipCheck, ParamServiceDomainMatchAll, ParamACLName,
+		ParamHTTPSOnly, ParamRedirectWhenHTTPProto, ParamUsersPassEncrypted, ParamReqPathSearch, ParamReqPathReplace,
+		ParamOutboundHostname, ParamXForwardedProto, ParamTimeoutServer, ParamTimeoutTunnel,
+	}
+)
 
 // FromQuery reads and validates a reconfigure request's query.
 func FromQuery(q url.Values) (Route, error) {
@@ -138,7 +210,7 @@ func FromQuery(q url.Values) (Route, error) {
 			return Route{}, paramErr(k, "indexed destinations are not supported by this version of docker-flow-proxy")
 		}
 	}
-	for _, p := range []string{ParamServiceName, ParamServiceColor, ParamPathType, ParamSkipCheck} {
+	for _, p := range scalarParams {
 		if len(q[p]) > 1 {
 			return Route{}, paramErr(p, "given %d times; give it once", len(q[p]))
 		}
@@ -160,10 +232,141 @@ func FromQuery(q url.Values) (Route, error) {
 		}
 		r.SkipCheck = b
 	}
+	err := r.parseOptions(func(param string) string {
+		if slices.Contains(listParams, param) {
+			return strings.Join(q[param], ",")
+		}
+		return q.Get(param)
+	})
+	if err != nil {
+		return Route{}, err
+	}
 	if err := r.Validate(); err != nil {
 		return Route{}, err
 	}
 	return r, nil
+}
+
+// parseOptions reads the optional parameters from their text form, looked up by parameter name:
+// the query's values or the KV keys. An empty value is an unset parameter. Validate checks them.
+func (r *Route) parseOptions(value func(param string) string) error {
+	bools := []struct {
+		param string
+		field *bool
+	}{
+		{ParamServiceDomainMatchAll, &r.ServiceDomainMatchAll},
+		{ParamHTTPSOnly, &r.HTTPSOnly},
+		{ParamRedirectWhenHTTPProto, &r.RedirectWhenHTTPProto},
+		{ParamUsersPassEncrypted, &r.UsersPassEncrypted},
+		{ParamXForwardedProto, &r.XForwardedProto},
+	}
+	var err error
+	for _, b := range bools {
+		if *b.field, err = parseBool(b.param, value(b.param)); err != nil {
+			return err
+		}
+	}
+	if r.TimeoutServer, err = parseSeconds(ParamTimeoutServer, value(ParamTimeoutServer)); err != nil {
+		return err
+	}
+	if r.TimeoutTunnel, err = parseSeconds(ParamTimeoutTunnel, value(ParamTimeoutTunnel)); err != nil {
+		return err
+	}
+	r.ACLName = value(ParamACLName)
+	r.ReqPathSearch = value(ParamReqPathSearch)
+	r.ReqPathReplace = value(ParamReqPathReplace)
+	r.OutboundHostname = value(ParamOutboundHostname)
+	if r.Users, err = splitUsers(ParamUsers, value(ParamUsers)); err != nil {
+		return err
+	}
+	if r.AddHeader, err = splitHeaders(ParamAddHeader, value(ParamAddHeader)); err != nil {
+		return err
+	}
+	if r.SetHeader, err = splitHeaders(ParamSetHeader, value(ParamSetHeader)); err != nil {
+		return err
+	}
+	return nil
+}
+
+func parseBool(param, v string) (bool, error) {
+	if v == "" {
+		return false, nil
+	}
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return false, paramErr(param, "%s is not a boolean (true or false)", quoteForMessage(v))
+	}
+	return b, nil
+}
+
+// MaxTimeout bounds timeoutServer and timeoutTunnel, in seconds (one day).
+const MaxTimeout = 86400
+
+func parseSeconds(param, v string) (int, error) {
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > MaxTimeout || v[0] == '+' {
+		return 0, paramErr(param, "%s is not a number of seconds from 1 to %d", quoteForMessage(v), MaxTimeout)
+	}
+	return n, nil
+}
+
+// splitUsers splits a comma list of user:password (the password may hold ':').
+func splitUsers(param, list string) ([]User, error) {
+	if list == "" {
+		return nil, nil
+	}
+	var out []User
+	for _, item := range strings.Split(list, ",") {
+		name, pass, ok := strings.Cut(item, ":")
+		if !ok {
+			// The item may be a password: it is not repeated in the message.
+			return nil, paramErr(param, "has an item that is not user:password")
+		}
+		out = append(out, User{Name: name, Password: pass})
+	}
+	return out, nil
+}
+
+// ParseUsers reads the server-wide users (USERS): a comma list of user:password. A password in the
+// form of a SHA-512 crypt hash ($6$...) is taken as a hash, any other as the password itself.
+func ParseUsers(list string) ([]User, error) {
+	users, err := splitUsers("USERS", list)
+	if err != nil {
+		return nil, err
+	}
+	for _, u := range users {
+		if err := validateUser("USERS", u, u.Hashed()); err != nil {
+			return nil, err
+		}
+	}
+	if err := checkUsersList("USERS", users); err != nil {
+		return nil, err
+	}
+	return users, nil
+}
+
+// splitHeaders splits a comma list of headers, each "Name:value" (or "Name value", the original's
+// form). Spaces around the name and the value are dropped.
+func splitHeaders(param, list string) ([]Header, error) {
+	if list == "" {
+		return nil, nil
+	}
+	var out []Header
+	for _, item := range strings.Split(list, ",") {
+		item = strings.Trim(item, " ")
+		name, value, ok := strings.Cut(item, ":")
+		if !ok || !headerNamePattern.MatchString(strings.Trim(name, " ")) && strings.Contains(item, " ") {
+			name, value, ok = strings.Cut(item, " ")
+		}
+		if !ok {
+			return nil, paramErr(param, "%s is not Name:value", quoteForMessage(item))
+		}
+		out = append(out, Header{Name: strings.Trim(name, " "), Value: strings.Trim(value, " ")})
+	}
+	return out, nil
 }
 
 // splitList joins repeated parameters and splits comma lists, keeping empty items so that
@@ -218,8 +421,201 @@ func (r Route) Validate() error {
 		seen[p] = true
 	}
 	for _, d := range r.ServiceDomain {
-		if err := validateDomain(d); err != nil {
+		if err := validateDomain(ParamServiceDomain, d); err != nil {
 			return err
+		}
+	}
+	return r.validateOptions()
+}
+
+// validateOptions checks the optional parameters.
+func (r Route) validateOptions() error {
+	if r.ServiceDomainMatchAll && len(r.ServiceDomain) == 0 {
+		return paramErr(ParamServiceDomainMatchAll, "needs %s", ParamServiceDomain)
+	}
+	if r.ACLName != "" {
+		if err := validateName(ParamACLName, r.ACLName, false); err != nil {
+			return err
+		}
+	}
+	if err := r.validateUsers(); err != nil {
+		return err
+	}
+	if err := validateRewrite(r.ReqPathSearch, r.ReqPathReplace); err != nil {
+		return err
+	}
+	if r.OutboundHostname != "" {
+		if err := validateDomain(ParamOutboundHostname, r.OutboundHostname); err != nil {
+			return err
+		}
+	}
+	if err := validateHeaders(ParamAddHeader, r.AddHeader); err != nil {
+		return err
+	}
+	if err := validateHeaders(ParamSetHeader, r.SetHeader); err != nil {
+		return err
+	}
+	if err := validateSeconds(ParamTimeoutServer, r.TimeoutServer); err != nil {
+		return err
+	}
+	return validateSeconds(ParamTimeoutTunnel, r.TimeoutTunnel)
+}
+
+// validateSeconds checks a timeout: 0 (unset) or 1 to MaxTimeout seconds.
+func validateSeconds(param string, v int) error {
+	if v < 0 || v > MaxTimeout {
+		return paramErr(param, "%d is not a number of seconds from 1 to %d", v, MaxTimeout)
+	}
+	return nil
+}
+
+// MaxUsers bounds the users of one route, MaxHeaders the headers of one list.
+const (
+	MaxUsers   = 100
+	MaxHeaders = 32
+)
+
+var (
+	userNamePattern = regexp.MustCompile(`^[A-Za-z0-9_.@-]+$`)
+	// A clear password: printable ASCII without space, quotes, backslash, '#', '$' or ','.
+	clearPasswordPattern = regexp.MustCompile(`^[A-Za-z0-9!%&()*+\-./:;<=>?@\[\]^_{|}~]+$`)
+	// A SHA-512 crypt hash: $6$, optional rounds, a salt of up to 16 characters, 86 characters of hash.
+	sha512CryptPattern = regexp.MustCompile(`^\$6\$(rounds=[1-9][0-9]{3,8}\$)?[./0-9A-Za-z]{1,16}\$[./0-9A-Za-z]{86}$`)
+)
+
+func (r Route) validateUsers() error {
+	if r.UsersPassEncrypted && len(r.Users) == 0 {
+		return paramErr(ParamUsersPassEncrypted, "needs %s", ParamUsers)
+	}
+	for _, u := range r.Users {
+		if err := validateUser(ParamUsers, u, r.UsersPassEncrypted); err != nil {
+			return err
+		}
+	}
+	return checkUsersList(ParamUsers, r.Users)
+}
+
+// validateUser checks a user name and password. Messages never repeat a password.
+func validateUser(param string, u User, hashed bool) error {
+	switch {
+	case u.Name == "":
+		return paramErr(param, "has a user without a name")
+	case len(u.Name) > 64:
+		return paramErr(param, "has a user name longer than 64 characters")
+	case !userNamePattern.MatchString(u.Name):
+		return paramErr(param, "user name %s may contain only letters, digits, '_', '.', '@' and '-'", quoteForMessage(u.Name))
+	case u.Password == "":
+		return paramErr(param, "user %s has an empty password", u.Name)
+	case hashed && !sha512CryptPattern.MatchString(u.Password):
+		return paramErr(param, "the password of user %s is not a SHA-512 crypt hash ($6$salt$hash, as openssl passwd -6 makes)", u.Name)
+	case !hashed && len(u.Password) > 128:
+		return paramErr(param, "the password of user %s is longer than 128 characters", u.Name)
+	case !hashed && !clearPasswordPattern.MatchString(u.Password):
+		hint := ""
+		if param == ParamUsers {
+			hint = fmt.Sprintf(" (with %s=true it is a SHA-512 crypt hash)", ParamUsersPassEncrypted)
+		}
+		return paramErr(param, "the password of user %s may not contain %s%s", u.Name, badChar(u.Password, clearPasswordPattern), hint)
+	}
+	return nil
+}
+
+func checkUsersList(param string, users []User) error {
+	if len(users) > MaxUsers {
+		return paramErr(param, "lists more than %d users", MaxUsers)
+	}
+	seen := map[string]bool{}
+	for _, u := range users {
+		if seen[u.Name] {
+			return paramErr(param, "lists user %s twice", u.Name)
+		}
+		seen[u.Name] = true
+	}
+	return nil
+}
+
+var (
+	// A path regex: URL path characters, the regex operators, '$' and '\\' (the renderer single-quotes
+	// it, and HAProxy reads nothing inside single quotes); no quote, space or '#'.
+	pathSearchPattern = regexp.MustCompile(`^[A-Za-z0-9\-._~!&()*+,;=:@%/^\[\]{}|?<>$\\]+$`)
+	// A replacement: URL path characters and \N back-references.
+	pathReplacePattern = regexp.MustCompile(`^([A-Za-z0-9\-._~!&()*+,;=:@%/]|\\[0-9])+$`)
+	backReference      = regexp.MustCompile(`\\([0-9])`)
+)
+
+// MaxPathSearchGroups bounds the groups of reqPathSearch: HAProxy's back-references go from \0 to
+// \9, and the renderer needs three of them around the search.
+const MaxPathSearchGroups = 6
+
+func validateRewrite(search, replace string) error {
+	switch {
+	case search == "" && replace == "":
+		return nil
+	case search == "":
+		return paramErr(ParamReqPathSearch, "is required with %s", ParamReqPathReplace)
+	case replace == "":
+		return paramErr(ParamReqPathReplace, "is required with %s", ParamReqPathSearch)
+	}
+	if len(search) > MaxPathLength {
+		return paramErr(ParamReqPathSearch, "is longer than %d characters", MaxPathLength)
+	}
+	if !pathSearchPattern.MatchString(search) {
+		return paramErr(ParamReqPathSearch, "%s contains %s, which is not allowed", quoteForMessage(search), badChar(search, pathSearchPattern))
+	}
+	re, err := regexp.Compile(search)
+	if err != nil {
+		return paramErr(ParamReqPathSearch, "%s is not a valid regular expression: %v", quoteForMessage(search), err)
+	}
+	if len(replace) > MaxPathLength {
+		return paramErr(ParamReqPathReplace, "is longer than %d characters", MaxPathLength)
+	}
+	if !pathReplacePattern.MatchString(replace) {
+		return paramErr(ParamReqPathReplace, "%s may contain only URL path characters and \\1 to \\9 back-references", quoteForMessage(replace))
+	}
+	if re.NumSubexp() > MaxPathSearchGroups {
+		return paramErr(ParamReqPathSearch, "has %d groups; at most %d are allowed", re.NumSubexp(), MaxPathSearchGroups)
+	}
+	for _, m := range backReference.FindAllStringSubmatch(replace, -1) {
+		if n, _ := strconv.Atoi(m[1]); n > re.NumSubexp() {
+			return paramErr(ParamReqPathReplace, "refers to group %d, but %s has %d", n, ParamReqPathSearch, re.NumSubexp())
+		}
+	}
+	return nil
+}
+
+var (
+	// Header names: HTTP token characters, without the ones HAProxy's parser reads ('#', '$', quotes, '%').
+	headerNamePattern = regexp.MustCompile(`^[A-Za-z0-9!&*+.^_|~-]+$`)
+	// Header values: printable ASCII and spaces (the renderer single-quotes them), without '%' (a
+	// log-format expression), quotes, backslash, '$' or '#'.
+	headerValuePattern = regexp.MustCompile(`^[A-Za-z0-9 !&()*+,\-./:;<=>?@\[\]^_{|}~]+$`)
+)
+
+// reservedHeaders frame the request or name its host: a header list may not add or replace them.
+var reservedHeaders = []string{"host", "content-length", "transfer-encoding", "connection"}
+
+func validateHeaders(param string, hs []Header) error {
+	if len(hs) > MaxHeaders {
+		return paramErr(param, "lists more than %d headers", MaxHeaders)
+	}
+	for _, h := range hs {
+		switch {
+		case h.Name == "":
+			return paramErr(param, "has a header without a name")
+		case len(h.Name) > 128:
+			return paramErr(param, "has a header name longer than 128 characters")
+		case !headerNamePattern.MatchString(h.Name):
+			return paramErr(param, "header name %s may contain only letters, digits and !&*+.^_|~-", quoteForMessage(h.Name))
+		case slices.Contains(reservedHeaders, strings.ToLower(h.Name)):
+			return paramErr(param, "may not change the %s header (use %s for Host)", h.Name, ParamOutboundHostname)
+		case h.Value == "":
+			return paramErr(param, "header %s has no value", h.Name)
+		case len(h.Value) > 1024:
+			return paramErr(param, "the value of header %s is longer than 1024 characters", h.Name)
+		case strings.TrimSpace(h.Value) != h.Value:
+			return paramErr(param, "the value of header %s starts or ends with a space", h.Name)
+		case !headerValuePattern.MatchString(h.Value):
+			return paramErr(param, "the value of header %s contains %s, which is not allowed", h.Name, badChar(h.Value, headerValuePattern))
 		}
 	}
 	return nil
@@ -300,19 +696,19 @@ func validatePath(t PathType, p string) error {
 	return nil
 }
 
-func validateDomain(d string) error {
+func validateDomain(param, d string) error {
 	if d == "" {
-		return paramErr(ParamServiceDomain, "has an empty domain")
+		return paramErr(param, "has an empty domain")
 	}
 	if c, ok := forbiddenChar(d); ok {
-		return paramErr(ParamServiceDomain, "%s contains %s", quoteForMessage(d), c)
+		return paramErr(param, "%s contains %s", quoteForMessage(d), c)
 	}
 	if len(d) > 253 {
-		return paramErr(ParamServiceDomain, "%q is longer than 253 characters", d)
+		return paramErr(param, "%q is longer than 253 characters", d)
 	}
 	for _, label := range strings.Split(d, ".") {
 		if len(label) > 63 || !labelPattern.MatchString(label) {
-			return paramErr(ParamServiceDomain, "%q is not a valid domain name", d)
+			return paramErr(param, "%q is not a valid domain name", d)
 		}
 	}
 	return nil
@@ -343,6 +739,19 @@ func forbiddenChar(s string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// badChar names the first character of s that pattern, a character class, refuses.
+func badChar(s string, pattern *regexp.Regexp) string {
+	for _, c := range s {
+		if !pattern.MatchString(string(c)) {
+			if name, ok := forbiddenChar(string(c)); ok {
+				return name
+			}
+			return strconv.QuoteRune(c)
+		}
+	}
+	return "a character that is not allowed"
 }
 
 // quoteForMessage quotes a value for an error message so that control characters stay visible.

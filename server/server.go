@@ -42,7 +42,10 @@ type Config struct {
 	// StartupTimeout bounds how long start-up waits for Consul before serving an empty table
 	// (the routes are then loaded as soon as Consul answers).
 	StartupTimeout time.Duration
-	Logger         *slog.Logger
+	// Users (USERS) is a comma list of user:password; when set, every route that lists no users of
+	// its own asks for one of these. A password of the form $6$... is a SHA-512 crypt hash.
+	Users  string
+	Logger *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -74,6 +77,10 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err := route.ValidateServiceName(cfg.InstanceName); err != nil {
 		return nil, fmt.Errorf("proxy instance name: %w", err)
 	}
+	users, err := route.ParseUsers(cfg.Users)
+	if err != nil {
+		return nil, fmt.Errorf("users: %w", err)
+	}
 	if err := os.MkdirAll(cfg.ConfigDir, 0o755); err != nil {
 		return nil, fmt.Errorf("config folder: %w", err)
 	}
@@ -88,6 +95,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.HTTPPort = cfg.HTTPPort
 	settings.HTTPSPort = cfg.HTTPSPort
 	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
+	settings.Users = users
 	if cfg.CertsDir != "" {
 		settings.CertsDir = cfg.CertsDir
 		settings.HasCerts = hasCerts(cfg.CertsDir)

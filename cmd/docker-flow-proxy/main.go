@@ -79,6 +79,9 @@ func serverCommand() *cli.Command {
 			&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", EnvVars: []string{"HAPROXY_BIN"}, Usage: "the HAProxy binary"},
 			&cli.DurationFlag{Name: "startup-timeout", Value: 30 * time.Second, EnvVars: []string{"STARTUP_TIMEOUT"},
 				Usage: "how long start-up waits for Consul before serving an empty route table"},
+			&cli.StringFlag{Name: "users", EnvVars: []string{"USERS"},
+				Usage: "user:password comma list: every route without users of its own asks for these (HTTP basic auth); " +
+					"a password of the form $6$... is a SHA-512 crypt hash"},
 		},
 		Action: runServer,
 	}
@@ -108,6 +111,7 @@ func runServer(c *cli.Context) error {
 		Health:          health,
 		HAProxyBin:      c.String("haproxy-bin"),
 		StartupTimeout:  c.Duration("startup-timeout"),
+		Users:           c.String("users"),
 		Logger:          log,
 	})
 	if err != nil {

@@ -3,13 +3,16 @@ package routetest
 
 import "strings"
 
+// Hash is the SHA-512 crypt hash of the password "secret" (openssl passwd -6 -salt abcdefgh secret).
+const Hash = "$6$abcdefgh$ltjgWl6579NluT/Vi1nwEvcil.G5Nbc4NiXZaNGStk8PSwGfQv72N2CKPPrVACtLtip/cZ/1GM/O6IND4WQhG."
+
 // BadQuery is a reconfigure query that must be refused, and the parameter the refusal must name.
 type BadQuery struct{ Name, Query, Param string }
 
 // BadQueries returns reconfigure queries that must be refused, with the parameter the refusal names.
 // The API's integration test sends the same list through the real server.
 func BadQueries() []BadQuery {
-	return []BadQuery{
+	return append([]BadQuery{
 		{"no service name", "servicePath=/api", "serviceName"},
 		{"empty service name", "serviceName=&servicePath=/api", "serviceName"},
 		{"no path", "serviceName=books-ms", "servicePath"},
@@ -54,5 +57,98 @@ func BadQueries() []BadQuery {
 		{"service name twice", "serviceName=a&serviceName=b&servicePath=/api", "serviceName"},
 		{"unsupported parameter", "serviceName=books-ms&servicePath=/api&reqMode=tcp", "reqMode"},
 		{"indexed destination", "serviceName=books-ms&servicePath=/api&servicePath.1=/other", "servicePath.1"},
+	}, optionBadQueries()...)
+}
+
+// optionBadQueries are bad values of the optional parameters, each on an otherwise good request.
+func optionBadQueries() []BadQuery {
+	const q = "serviceName=books-ms&servicePath=/api&"
+	hashWith := func(bad string) string { return strings.Replace(Hash, "ltjg", bad, 1) }
+	return []BadQuery{
+		{"search without replace", q + "reqPathSearch=/a/", "reqPathReplace"},
+		{"replace without search", q + "reqPathReplace=/b/", "reqPathSearch"},
+		{"search not a regex", q + "reqPathSearch=/a(b&reqPathReplace=/", "reqPathSearch"},
+		{"search with quote", q + "reqPathSearch=/a'&reqPathReplace=/", "reqPathSearch"},
+		{"search with double quote", q + "reqPathSearch=/a%22&reqPathReplace=/", "reqPathSearch"},
+		{"search with space", q + "reqPathSearch=/a%20b&reqPathReplace=/", "reqPathSearch"},
+		{"search with newline", q + "reqPathSearch=/a%0Abackend%20x&reqPathReplace=/", "reqPathSearch"},
+		{"search with hash", q + "reqPathSearch=/a%23&reqPathReplace=/", "reqPathSearch"},
+		{"search with non-ASCII", q + "reqPathSearch=/caf%C3%A9&reqPathReplace=/", "reqPathSearch"},
+		{"search too long", q + "reqPathSearch=/" + strings.Repeat("a", 1024) + "&reqPathReplace=/", "reqPathSearch"},
+		{"search with 7 groups", q + "reqPathSearch=(a)(b)(c)(d)(e)(f)(g)&reqPathReplace=/", "reqPathSearch"},
+		{"search twice", q + "reqPathSearch=/a&reqPathSearch=/b&reqPathReplace=/", "reqPathSearch"},
+		{"replace with quote", q + "reqPathSearch=/a&reqPathReplace=/b'", "reqPathReplace"},
+		{"replace with newline", q + "reqPathSearch=/a&reqPathReplace=/b%0Ax", "reqPathReplace"},
+		{"replace with dollar", q + "reqPathSearch=/a&reqPathReplace=/$HOME", "reqPathReplace"},
+		{"replace with space", q + "reqPathSearch=/a&reqPathReplace=/b%20c", "reqPathReplace"},
+		{"replace with hash", q + "reqPathSearch=/a&reqPathReplace=/b%23", "reqPathReplace"},
+		{"replace with a lone backslash", q + "reqPathSearch=/a&reqPathReplace=/b%5Cx", "reqPathReplace"},
+		{"replace refers to a missing group", q + "reqPathSearch=/a/(.*)&reqPathReplace=/%5C2", "reqPathReplace"},
+		{"user without password", q + "users=alice", "users"},
+		{"user without name", q + "users=:secret", "users"},
+		{"user with empty password", q + "users=alice:", "users"},
+		{"empty item in users", q + "users=alice:a,,bob:b", "users"},
+		{"user name with space", q + "users=al%20ice:secret", "users"},
+		{"user name with newline", q + "users=al%0Aice:secret", "users"},
+		{"user listed twice", q + "users=alice:a,alice:b", "users"},
+		{"password with space", q + "users=alice:se%20cret", "users"},
+		{"password with newline", q + "users=alice:secret%0Auser%20evil", "users"},
+		{"password with hash", q + "users=alice:se%23cret", "users"},
+		{"password with quote", q + "users=alice:se'cret", "users"},
+		{"password with double quote", q + "users=alice:se%22cret", "users"},
+		{"password with backslash", q + "users=alice:se%5Ccret", "users"},
+		{"clear password with dollar", q + "users=alice:$HOME", "users"},
+		{"clear password that is a hash", q + "users=alice:" + Hash, "users"},
+		{"encrypted password not a hash", q + "usersPassEncrypted=true&users=alice:secret", "users"},
+		{"encrypted password of another kind", q + "usersPassEncrypted=true&users=alice:" + strings.Replace(Hash, "$6$", "$5$", 1), "users"},
+		{"encrypted password with a quote", q + "usersPassEncrypted=true&users=alice:" + hashWith("lt'g"), "users"},
+		{"encrypted password with a newline", q + "usersPassEncrypted=true&users=alice:" + hashWith("lt%0Ag"), "users"},
+		{"encrypted password too short", q + "usersPassEncrypted=true&users=alice:$6$abcdefgh$short", "users"},
+		{"usersPassEncrypted without users", q + "usersPassEncrypted=true", "usersPassEncrypted"},
+		{"usersPassEncrypted not a boolean", q + "users=alice:a&usersPassEncrypted=maybe", "usersPassEncrypted"},
+		{"httpsOnly not a boolean", q + "httpsOnly=yes", "httpsOnly"},
+		{"httpsOnly twice", q + "httpsOnly=true&httpsOnly=false", "httpsOnly"},
+		{"redirectWhenHttpProto not a boolean", q + "redirectWhenHttpProto=2", "redirectWhenHttpProto"},
+		{"xForwardedProto not a boolean", q + "xForwardedProto=on", "xForwardedProto"},
+		{"header without value", q + "addHeader=X-A", "addHeader"},
+		{"header with empty value", q + "addHeader=X-A:", "addHeader"},
+		{"header without name", q + "addHeader=:v", "addHeader"},
+		{"header name with at", q + "addHeader=X@A:v", "addHeader"},
+		{"header name with quote", q + "addHeader=X'A:v", "addHeader"},
+		{"header name with dollar", q + "addHeader=$X:v", "addHeader"},
+		{"header value with percent", q + "addHeader=X-A:%25[src]", "addHeader"},
+		{"header value with newline", q + "addHeader=X-A:v%0Abackend%20x", "addHeader"},
+		{"header value with CR", q + "setHeader=X-A:v%0D", "setHeader"},
+		{"header value with tab", q + "setHeader=X-A:a%09b", "setHeader"},
+		{"header value with quote", q + "addHeader=X-A:a'b", "addHeader"},
+		{"header value with double quote", q + "setHeader=X-A:a%22b", "setHeader"},
+		{"header value with backslash", q + "setHeader=X-A:a%5Cb", "setHeader"},
+		{"header value with dollar", q + "setHeader=X-A:$HOME", "setHeader"},
+		{"header value with hash", q + "setHeader=X-A:a%23b", "setHeader"},
+		{"header value with non-ASCII", q + "setHeader=X-A:caf%C3%A9", "setHeader"},
+		{"header Host", q + "setHeader=Host:evil.org", "setHeader"},
+		{"header Content-Length", q + "addHeader=content-length:0", "addHeader"},
+		{"header Transfer-Encoding", q + "setHeader=Transfer-Encoding:chunked", "setHeader"},
+		{"too many headers", q + "addHeader=" + strings.Repeat("X-A:v,", 32) + "X-A:v", "addHeader"},
+		{"timeoutServer zero", q + "timeoutServer=0", "timeoutServer"},
+		{"timeoutServer negative", q + "timeoutServer=-1", "timeoutServer"},
+		{"timeoutServer with unit", q + "timeoutServer=5s", "timeoutServer"},
+		{"timeoutServer fraction", q + "timeoutServer=1.5", "timeoutServer"},
+		{"timeoutServer with plus", q + "timeoutServer=%2B5", "timeoutServer"},
+		{"timeoutServer over a day", q + "timeoutServer=86401", "timeoutServer"},
+		{"timeoutTunnel huge", q + "timeoutTunnel=99999999999999999999", "timeoutTunnel"},
+		{"timeoutTunnel with newline", q + "timeoutTunnel=5%0A", "timeoutTunnel"},
+		{"aclName with space", q + "aclName=a%20b", "aclName"},
+		{"aclName with colon", q + "aclName=a:b", "aclName"},
+		{"aclName with dollar", q + "aclName=$X", "aclName"},
+		{"aclName too long", q + "aclName=" + strings.Repeat("a", 129), "aclName"},
+		{"serviceDomainMatchAll without domain", q + "serviceDomainMatchAll=true", "serviceDomainMatchAll"},
+		{"serviceDomainMatchAll not a boolean", q + "serviceDomain=a.com&serviceDomainMatchAll=all", "serviceDomainMatchAll"},
+		{"outboundHostname with space", q + "outboundHostname=a%20b.com", "outboundHostname"},
+		{"outboundHostname with newline", q + "outboundHostname=a.com%0Ax", "outboundHostname"},
+		{"outboundHostname with underscore", q + "outboundHostname=a_b.com", "outboundHostname"},
+		{"outboundHostname with port", q + "outboundHostname=a.com:80", "outboundHostname"},
+		{"outboundHostname with quote", q + "outboundHostname=a.com'", "outboundHostname"},
+		{"outboundHostname twice", q + "outboundHostname=a.com&outboundHostname=b.com", "outboundHostname"},
 	}
 }
