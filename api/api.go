@@ -37,6 +37,21 @@ type Response struct {
 	ServiceDomain []string
 	PathType      string
 	SkipCheck     bool
+	// The later versions' parameters, as the route holds them. Passwords are never echoed.
+	ServiceDomainMatchAll bool     `json:",omitempty"`
+	AclName               string   `json:",omitempty"`
+	ReqPathSearch         string   `json:",omitempty"`
+	ReqPathReplace        string   `json:",omitempty"`
+	HttpsOnly             bool     `json:",omitempty"`
+	RedirectWhenHttpProto bool     `json:",omitempty"`
+	XForwardedProto       bool     `json:",omitempty"`
+	AddHeader             []string `json:",omitempty"`
+	SetHeader             []string `json:",omitempty"`
+	OutboundHostname      string   `json:",omitempty"`
+	TimeoutServer         int      `json:",omitempty"`
+	TimeoutTunnel         int      `json:",omitempty"`
+	// Users names the users allowed, without their passwords.
+	Users []string `json:",omitempty"`
 	// Instances is how many instances the route balances over (reconfigure only).
 	Instances int `json:",omitempty"`
 }
@@ -181,8 +196,22 @@ func statusOf(err error) int {
 }
 
 func fromRoute(r route.Route) Response {
-	return Response{ServiceName: r.ServiceName, ServiceColor: r.ServiceColor, ServicePath: r.ServicePath,
-		ServiceDomain: r.ServiceDomain, PathType: string(r.PathType), SkipCheck: r.SkipCheck}
+	resp := Response{ServiceName: r.ServiceName, ServiceColor: r.ServiceColor, ServicePath: r.ServicePath,
+		ServiceDomain: r.ServiceDomain, PathType: string(r.PathType), SkipCheck: r.SkipCheck,
+		ServiceDomainMatchAll: r.ServiceDomainMatchAll, AclName: r.ACLName,
+		ReqPathSearch: r.ReqPathSearch, ReqPathReplace: r.ReqPathReplace,
+		HttpsOnly: r.HTTPSOnly, RedirectWhenHttpProto: r.RedirectWhenHTTPProto, XForwardedProto: r.XForwardedProto,
+		OutboundHostname: r.OutboundHostname, TimeoutServer: r.TimeoutServer, TimeoutTunnel: r.TimeoutTunnel}
+	for _, h := range r.AddHeader {
+		resp.AddHeader = append(resp.AddHeader, h.Name+":"+h.Value)
+	}
+	for _, h := range r.SetHeader {
+		resp.SetHeader = append(resp.SetHeader, h.Name+":"+h.Value)
+	}
+	for _, u := range r.Users {
+		resp.Users = append(resp.Users, u.Name)
+	}
+	return resp
 }
 
 // allowed accepts GET, as the original's clients send, and POST.

@@ -439,3 +439,17 @@ func TestInstanceNamesKeepRouteTablesApart(t *testing.T) {
 	}
 	_ = b
 }
+
+func TestAnswerEchoesTheParametersButNoPassword(t *testing.T) {
+	e := newEnv(t)
+	p := e.startProxy("docker-flow")
+	q := booksQuery + "&users=alice:s3cret-pass&timeoutServer=5&addHeader=X-Env:prod"
+	code, body := get(t, p.api+"/v1/docker-flow-proxy/reconfigure?"+q, nil)
+	if code != http.StatusOK || strings.Contains(body, "s3cret-pass") {
+		t.Fatalf("answer %d %s: want 200 and no password", code, body)
+	}
+	r := p.reconfigure(t, q)
+	if !reflect.DeepEqual(r.Users, []string{"alice"}) || r.TimeoutServer != 5 || !reflect.DeepEqual(r.AddHeader, []string{"X-Env:prod"}) {
+		t.Fatalf("answer %+v does not echo the parameters", r)
+	}
+}
