@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
@@ -19,6 +20,7 @@ type Controller interface {
 	Reconfigure(ctx context.Context, r route.Route) ([]route.Instance, error)
 	Remove(ctx context.Context, serviceName string) (bool, error)
 	Config() []byte
+	Reload(ctx context.Context, recreate bool) error
 }
 
 // Health reports whether the parts the proxy depends on are reachable.
@@ -75,6 +77,7 @@ func Handler(c Controller, h Health, logger *slog.Logger) http.Handler {
 	mux.HandleFunc("/v1/docker-flow-proxy/reconfigure", a.reconfigure)
 	mux.HandleFunc("/v1/docker-flow-proxy/remove", a.remove)
 	mux.HandleFunc("/v1/docker-flow-proxy/config", a.config)
+	mux.HandleFunc("/v1/docker-flow-proxy/reload", a.reload)
 	mux.HandleFunc("/v1/docker-flow-proxy/health", a.health)
 	mux.HandleFunc("/v1/test", a.test)
 	mux.HandleFunc("/v1/docker-flow-proxy/test", a.test)
@@ -137,6 +140,32 @@ func (a *handlers) remove(w http.ResponseWriter, req *http.Request) {
 		resp.Message = "no route for " + name + " was configured"
 	}
 	writeJSON(w, http.StatusOK, resp)
+}
+
+func (a *handlers) reload(w http.ResponseWriter, req *http.Request) {
+	if !allowed(w, req) {
+		return
+	}
+	recreate := false
+	if v := req.URL.Query().Get("recreate"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			a.fail(w, req, Response{}, &route.ParamError{Param: "recreate", Reason: strconv.Quote(v) + " is not a boolean (true or false)"})
+			return
+		}
+		recreate = b
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), RequestTimeout)
+	defer cancel()
+	if err := a.c.Reload(ctx, recreate); err != nil {
+		a.fail(w, req, Response{}, err)
+		return
+	}
+	msg := "the route table is served again"
+	if recreate {
+		msg = "the route table was rebuilt from Consul and is served"
+	}
+	writeJSON(w, http.StatusOK, Response{Status: StatusOK, Message: msg})
 }
 
 func (a *handlers) config(w http.ResponseWriter, req *http.Request) {

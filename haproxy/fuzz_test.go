@@ -69,7 +69,7 @@ func FuzzReconfigureQuery(f *testing.F) {
 var allowed = map[string][]string{
 	"global":   {"stats", "hard-stop-after"},
 	"defaults": {"mode", "option", "timeout", "default-server"},
-	"frontend": {"bind", "acl", "use_backend", "http-request"},
+	"frontend": {"bind", "acl", "use_backend", "http-request", "stats"},
 	"backend":  {"balance", "server", "http-request", "timeout"},
 	"userlist": {"user"},
 }
@@ -95,7 +95,7 @@ func shapeError(cfg string) error {
 				return fail(line, "starts a section the renderer never writes")
 			}
 			if (section == "global" || section == "defaults") && len(fields) != 1 ||
-				section == "frontend" && line != "frontend services" ||
+				section == "frontend" && line != "frontend services" && line != "frontend stats" ||
 				section == "backend" && (len(fields) != 2 || !strings.HasSuffix(fields[1], "-be")) {
 				return fail(line, "is not a section header of the renderer's")
 			}

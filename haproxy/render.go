@@ -31,6 +31,10 @@ type Settings struct {
 	ServerTimeout  time.Duration
 	// Users (USERS) protects every route that lists no users of its own with HTTP basic auth.
 	Users []route.User
+	// StatsPort, when set, serves HAProxy's stats page on / and its Prometheus exporter on /metrics,
+	// both behind StatsUser (there is no default password: the server refuses a port without one).
+	StatsPort int
+	StatsUser *route.User
 }
 
 // DefaultSettings are the settings the server starts with before flags override them.
@@ -79,6 +83,20 @@ func Render(s Settings, backends []route.Backend) []byte {
 	// An instance registered by host name that does not resolve yet must not fail the whole config.
 	w("    default-server init-addr last,libc,none")
 	w("")
+	if s.StatsPort > 0 && s.StatsUser != nil {
+		// Names with ':' cannot clash with a service's userlist or backend.
+		w("userlist dfp:stats")
+		w("    user %s insecure-password '%s'", s.StatsUser.Name, s.StatsUser.Password)
+		w("")
+		w("frontend stats")
+		w("    bind %s", bindAddr(s.BindAddress, s.StatsPort))
+		w("    http-request auth realm stats if !{ http_auth(dfp:stats) }")
+		w("    http-request use-service prometheus-exporter if { path /metrics }")
+		w("    stats enable")
+		w("    stats uri /")
+		w("    stats refresh 10s")
+		w("")
+	}
 	w("frontend services")
 	w("    bind %s", bindAddr(s.BindAddress, s.HTTPPort))
 	if s.HasCerts && s.CertsDir != "" {

@@ -28,8 +28,11 @@ func testSettings() Settings {
 // caseSettings returns the settings a golden case is rendered with: the server-wide users (USERS)
 // for the case "server-users", s for the others.
 func caseSettings(name string, s Settings) Settings {
-	if name == "server-users" {
+	switch name {
+	case "server-users":
 		s.Users = []route.User{{Name: "admin", Password: "clear-text"}, {Name: "ops", Password: routetest.Hash}}
+	case "stats":
+		s.StatsPort, s.StatsUser = 9100, &route.User{Name: "admin", Password: "stats-secret"}
 	}
 	return s
 }
@@ -77,6 +80,7 @@ func renderCases() map[string][]route.Backend {
 				Instances: []route.Instance{{Address: "::1", Port: 8080}, {Address: "backend.internal", Port: 80}}},
 			{Route: route.Route{ServiceName: "no-instances", ServicePath: []string{`^/v[0-9]+/items$`}, PathType: route.PathReg}},
 		},
+		"stats":      {{Route: books, Instances: three}},
 		"many-paths": {{Route: route.Route{ServiceName: "wide", ServicePath: many, PathType: route.Path}}},
 	}
 }

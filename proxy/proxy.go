@@ -217,13 +217,34 @@ func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst 
 // another replica): new and changed routes are served with their instances read from the catalog,
 // routes no longer in KV are removed. Nothing is written to KV.
 func (p *Proxy) SyncRoutes(ctx context.Context, routes []route.Route) error {
+	return p.syncRoutes(ctx, routes, false)
+}
+
+// Reload makes HAProxy serve the route table again. With recreate, the table is first rebuilt from
+// KV and every route's instances are read again from the catalog.
+func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
+	if !recreate {
+		return p.Apply(ctx)
+	}
+	routes, bad, err := p.store.List(ctx)
+	if err != nil {
+		return fmt.Errorf("read route table: %w: %w", ErrConsul, err)
+	}
+	for _, e := range bad {
+		p.log.Warn("skipping a route in KV that is not valid", "error", e)
+	}
+	return p.syncRoutes(ctx, routes, true)
+}
+
+// syncRoutes applies a route table from KV; force re-reads the instances of unchanged routes too.
+func (p *Proxy) syncRoutes(ctx context.Context, routes []route.Route, force bool) error {
 	current := map[string]route.Route{}
 	for _, b := range p.Routes() {
 		current[b.Route.ServiceName] = b.Route
 	}
 	var cs []*change
 	for _, r := range routes {
-		if old, ok := current[r.ServiceName]; !ok || !old.Equal(r) {
+		if old, ok := current[r.ServiceName]; force || !ok || !old.Equal(r) {
 			r := r
 			cs = append(cs, &change{service: r.ServiceName, route: &r, observed: true, done: make(chan error, 1)})
 		}

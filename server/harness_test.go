@@ -50,6 +50,12 @@ type running struct {
 // startProxy starts a server on empty folders and free ports, stopped when the test ends.
 func (e *env) startProxy(instanceName string) *running {
 	e.t.Helper()
+	return e.startProxyWith(instanceName, nil)
+}
+
+// startProxyWith starts a server like startProxy, with its config changed by edit first.
+func (e *env) startProxyWith(instanceName string, edit func(*Config)) *running {
+	e.t.Helper()
 	dir, err := os.MkdirTemp("", "dfp")
 	if err != nil {
 		e.t.Fatal(err)
@@ -62,7 +68,7 @@ func (e *env) startProxy(instanceName string) *running {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	s, err := Start(ctx, Config{
+	cfg := Config{
 		ConsulAddresses: []string{e.consul.Addr},
 		InstanceName:    instanceName,
 		BindAddress:     "127.0.0.1",
@@ -74,7 +80,11 @@ func (e *env) startProxy(instanceName string) *running {
 		HAProxyBin:      testenv.HAProxyBin(e.t),
 		StartupTimeout:  10 * time.Second,
 		Logger:          slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})),
-	})
+	}
+	if edit != nil {
+		edit(&cfg)
+	}
+	s, err := Start(ctx, cfg)
 	if err != nil {
 		e.t.Fatalf("start server: %v", err)
 	}

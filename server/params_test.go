@@ -16,7 +16,6 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -30,7 +29,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route/routetest"
 )
@@ -152,54 +150,22 @@ type tlsProxy struct {
 	client *http.Client // no keep-alive, no redirects, trusts the proxy's certificate
 }
 
-// startProxyWith starts a server as startProxy does, with the server-wide users and, with tls,
+// startTLSProxy starts a server as startProxy does, with the server-wide users and, with tls,
 // a self-signed certificate for 127.0.0.1 in its certificates folder.
-func (e *env) startProxyWith(users string, withTLS bool) *tlsProxy {
+func (e *env) startTLSProxy(users string, withTLS bool) *tlsProxy {
 	e.t.Helper()
-	dir, err := os.MkdirTemp("", "dfp")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := Config{
-		ConsulAddresses: []string{e.consul.Addr},
-		InstanceName:    "docker-flow",
-		BindAddress:     "127.0.0.1",
-		HTTPPort:        testenv.FreePort(e.t),
-		HTTPSPort:       testenv.FreePort(e.t),
-		APIPort:         testenv.FreePort(e.t),
-		ConfigDir:       filepath.Join(dir, "config"),
-		Health:          consul.HealthPassing,
-		HAProxyBin:      testenv.HAProxyBin(e.t),
-		StartupTimeout:  10 * time.Second,
-		Users:           users,
-		Logger:          slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	}
+	httpsPort := testenv.FreePort(e.t)
 	client := &http.Client{Timeout: noRedirects.Timeout, CheckRedirect: noRedirects.CheckRedirect,
 		Transport: &http.Transport{DisableKeepAlives: true}}
-	if withTLS {
-		cfg.CertsDir = filepath.Join(dir, "certs")
-		pool := writeCertificate(e.t, cfg.CertsDir)
-		client.Transport = &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: pool}}
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	s, err := Start(ctx, cfg)
-	if err != nil {
-		e.t.Fatalf("start server: %v", err)
-	}
-	e.t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := s.Stop(ctx); err != nil {
-			e.t.Errorf("stop server: %v", err)
+	p := e.startProxyWith("docker-flow", func(c *Config) {
+		c.Users, c.HTTPSPort = users, httpsPort
+		if withTLS {
+			c.CertsDir = e.t.TempDir()
+			pool := writeCertificate(e.t, c.CertsDir)
+			client.Transport = &http.Transport{DisableKeepAlives: true, TLSClientConfig: &tls.Config{RootCAs: pool}}
 		}
 	})
-	return &tlsProxy{
-		running: &running{Server: s, api: "http://" + s.APIAddr(), http: "http://127.0.0.1:" + strconv.Itoa(cfg.HTTPPort), dir: dir},
-		https:   "https://127.0.0.1:" + strconv.Itoa(cfg.HTTPSPort),
-		client:  client,
-	}
+	return &tlsProxy{running: p, https: "https://127.0.0.1:" + strconv.Itoa(httpsPort), client: client}
 }
 
 // writeCertificate writes a self-signed certificate for 127.0.0.1 and its key as one PEM file in
@@ -312,7 +278,7 @@ func TestServerWideUsersProtectEveryRouteWithoutItsOwn(t *testing.T) {
 	e := newEnv(t)
 	e.echo("shared", "shared")
 	e.echo("own", "own")
-	p := e.startProxyWith("admin:adminpw,ops:"+routetest.Hash, false)
+	p := e.startTLSProxy("admin:adminpw,ops:"+routetest.Hash, false)
 	p.reconfigure(t, "serviceName=shared&servicePath=/shared")
 	p.reconfigure(t, "serviceName=own&servicePath=/own&users=dave:davepw")
 	for _, tc := range []struct {
@@ -349,7 +315,7 @@ func TestHTTPSOnlyRedirectsPlainHTTP(t *testing.T) {
 	e := newEnv(t)
 	e.echo("secure", "secure")
 	e.echo("plain", "plain")
-	p := e.startProxyWith("", true)
+	p := e.startTLSProxy("", true)
 	p.reconfigure(t, "serviceName=secure&servicePath=/secure&httpsOnly=true")
 	p.reconfigure(t, "serviceName=plain&servicePath=/plain")
 
@@ -388,7 +354,7 @@ func TestRedirectWhenHttpProtoFollowsTheLoadBalancersHeader(t *testing.T) {
 func TestXForwardedProtoTellsTheBackendHowTheClientCame(t *testing.T) {
 	e := newEnv(t)
 	e.echo("proto", "proto")
-	p := e.startProxyWith("", true)
+	p := e.startTLSProxy("", true)
 	p.reconfigure(t, "serviceName=proto&servicePath=/proto&xForwardedProto=true")
 	if got := fetchEcho(t, p.client, p.http+"/proto", nil).Header.Values("X-Forwarded-Proto"); !reflect.DeepEqual(got, []string{"http"}) {
 		t.Errorf("over HTTP the backend saw X-Forwarded-Proto %q, want http", got)

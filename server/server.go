@@ -44,8 +44,13 @@ type Config struct {
 	StartupTimeout time.Duration
 	// Users (USERS) is a comma list of user:password; when set, every route that lists no users of
 	// its own asks for one of these. A password of the form $6$... is a SHA-512 crypt hash.
-	Users  string
-	Logger *slog.Logger
+	Users string
+	// StatsPort, when set, serves HAProxy's stats page and Prometheus exporter (/metrics) behind
+	// StatsUser and StatsPass, which are then required: there is no default password.
+	StatsPort int
+	StatsUser string
+	StatsPass string
+	Logger    *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -81,6 +86,17 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("users: %w", err)
 	}
+	var statsUser *route.User
+	if cfg.StatsPort > 0 {
+		if cfg.StatsUser == "" || cfg.StatsPass == "" {
+			return nil, errors.New("stats: a stats port needs a user and a password (STATS_USER, STATS_PASS); there is no default")
+		}
+		u, err := route.ParseUsers(cfg.StatsUser + ":" + cfg.StatsPass)
+		if err != nil || len(u) != 1 || u[0].Hashed() {
+			return nil, fmt.Errorf("stats: the user or the password is not valid (%v)", err)
+		}
+		statsUser = &u[0]
+	}
 	if err := os.MkdirAll(cfg.ConfigDir, 0o755); err != nil {
 		return nil, fmt.Errorf("config folder: %w", err)
 	}
@@ -96,6 +112,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.HTTPSPort = cfg.HTTPSPort
 	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
 	settings.Users = users
+	settings.StatsPort, settings.StatsUser = cfg.StatsPort, statsUser
 	if cfg.CertsDir != "" {
 		settings.CertsDir = cfg.CertsDir
 		settings.HasCerts = hasCerts(cfg.CertsDir)

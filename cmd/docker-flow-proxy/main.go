@@ -74,6 +74,10 @@ func serverCommand() *cli.Command {
 				Usage: "folder of custom templates"},
 			&cli.StringFlag{Name: "certs-dir", Value: "/etc/docker-flow-proxy/certs", EnvVars: []string{"CERTS_DIR"},
 				Usage: "folder of PEM certificates (certificate and key) served on the HTTPS port, chosen by SNI"},
+			&cli.IntFlag{Name: "stats-port", EnvVars: []string{"STATS_PORT"},
+				Usage: "serve HAProxy's stats page (/) and Prometheus exporter (/metrics) on this port (0: off)"},
+			&cli.StringFlag{Name: "stats-user", EnvVars: []string{"STATS_USER"}, Usage: "the stats page's user (required with --stats-port)"},
+			&cli.StringFlag{Name: "stats-pass", EnvVars: []string{"STATS_PASS"}, Usage: "the stats page's password (required with --stats-port)"},
 			&cli.StringFlag{Name: "service-health", Value: "passing", EnvVars: []string{"SERVICE_HEALTH"},
 				Usage: "which instances receive traffic: passing (all checks pass), warning (passing or warning) or any"},
 			&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", EnvVars: []string{"HAPROXY_BIN"}, Usage: "the HAProxy binary"},
@@ -112,6 +116,9 @@ func runServer(c *cli.Context) error {
 		HAProxyBin:      c.String("haproxy-bin"),
 		StartupTimeout:  c.Duration("startup-timeout"),
 		Users:           c.String("users"),
+		StatsPort:       c.Int("stats-port"),
+		StatsUser:       c.String("stats-user"),
+		StatsPass:       c.String("stats-pass"),
 		Logger:          log,
 	})
 	if err != nil {

@@ -1,0 +1,93 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	capi "github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+)
+
+func TestReloadRecreateRebuildsFromKVAndTheCatalog(t *testing.T) {
+	e := newEnv(t)
+	e.backend("books-ms", "books-1")
+	p := e.startProxy("docker-flow")
+	p.reconfigure(t, booksQuery)
+
+	// Meanwhile, Consul changed behind the server's back: a route written by hand, a new instance.
+	e.backend("other", "other-1")
+	e.backend("books-ms", "books-2")
+	if _, err := e.kv.Put(&capi.KVPair{Key: "docker-flow/other/path", Value: []byte("/other")}, nil); err != nil {
+		t.Fatal(err)
+	}
+	code, r := p.call(t, "/v1/docker-flow-proxy/reload?recreate=true")
+	if code != http.StatusOK || r.Status != "OK" {
+		t.Fatalf("reload: %d %+v", code, r)
+	}
+	if code, body := get(t, p.http+"/other", nil); code != http.StatusOK || !strings.HasPrefix(body, "other-1") {
+		t.Fatalf("the route written to KV is not served after reload: %d %q", code, body)
+	}
+	if got := backendsReached(t, p.http+"/api/v1/books", 10); len(got) != 2 {
+		t.Fatalf("after reload books-ms reached %v, want both instances", got)
+	}
+	if code, r := p.call(t, "/v1/docker-flow-proxy/reload?recreate=maybe"); code != http.StatusBadRequest || !strings.Contains(r.Message, "recreate") {
+		t.Fatalf("reload?recreate=maybe: %d %+v", code, r)
+	}
+}
+
+func TestStatsPageAndPrometheusExporterNeedCredentials(t *testing.T) {
+	e := newEnv(t)
+	statsPort := testenv.FreePort(t)
+	e.startProxyWith("docker-flow", func(c *Config) {
+		c.StatsPort, c.StatsUser, c.StatsPass = statsPort, "admin", "stats-secret"
+	})
+	base := "http://127.0.0.1:" + strconv.Itoa(statsPort)
+	get := func(path, user, pass string) (int, string) {
+		req, _ := http.NewRequest(http.MethodGet, base+path, nil)
+		if user != "" {
+			req.SetBasicAuth(user, pass)
+		}
+		resp, err := httpClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b strings.Builder
+		buf := make([]byte, 64*1024)
+		n, _ := resp.Body.Read(buf)
+		b.Write(buf[:n])
+		return resp.StatusCode, b.String()
+	}
+	if code, _ := get("/", "", ""); code != http.StatusUnauthorized {
+		t.Fatalf("stats page without credentials: %d, want 401", code)
+	}
+	if code, _ := get("/metrics", "admin", "wrong"); code != http.StatusUnauthorized {
+		t.Fatalf("exporter with a wrong password: %d, want 401", code)
+	}
+	if code, body := get("/", "admin", "stats-secret"); code != http.StatusOK || !strings.Contains(body, "Statistics Report") {
+		t.Fatalf("stats page: %d %.200q", code, body)
+	}
+	if code, body := get("/metrics", "admin", "stats-secret"); code != http.StatusOK || !strings.Contains(body, "haproxy_") {
+		t.Fatalf("exporter: %d %.200q", code, body)
+	}
+}
+
+func TestStatsPortWithoutPasswordIsRefused(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := Start(ctx, Config{ConsulAddresses: []string{e.consul.Addr}, BindAddress: "127.0.0.1",
+		HTTPPort: testenv.FreePort(t), APIPort: testenv.FreePort(t), ConfigDir: t.TempDir(),
+		HAProxyBin: testenv.HAProxyBin(t), StatsPort: testenv.FreePort(t), StatsUser: "admin",
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
+	if err == nil || !strings.Contains(err.Error(), "password") {
+		t.Fatalf("a stats port without a password: %v, want a refusal", err)
+	}
+}
