@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
-	"sort"
 	"strings"
 
 	"github.com/hashicorp/consul/api"
@@ -70,44 +69,7 @@ func (c *Client) Instances(ctx context.Context, service string, filter HealthFil
 	if err != nil {
 		return nil, fmt.Errorf("consul health service %s: %w", service, err)
 	}
-	out := make([]route.Instance, 0, len(entries))
-	for _, e := range entries {
-		if e == nil || e.Service == nil {
-			continue
-		}
-		if !f.keeps(e.Checks.AggregatedStatus()) {
-			continue
-		}
-		addr := e.Service.Address
-		if addr == "" && e.Node != nil {
-			addr = e.Node.Address
-		}
-		host, ok := validHost(addr)
-		if !ok || e.Service.Port < 1 || e.Service.Port > 65535 {
-			node := ""
-			if e.Node != nil {
-				node = e.Node.Node
-			}
-			c.logger.Warn("consul: skipping an instance with an invalid address or port",
-				"service", service, "id", e.Service.ID, "node", node,
-				"address", addr, "port", e.Service.Port)
-			continue
-		}
-		out = append(out, route.Instance{Address: host, Port: e.Service.Port})
-	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].Address != out[j].Address {
-			return out[i].Address < out[j].Address
-		}
-		return out[i].Port < out[j].Port
-	})
-	dedup := out[:0]
-	for i, in := range out {
-		if i == 0 || in != out[i-1] {
-			dedup = append(dedup, in)
-		}
-	}
-	return dedup, nil
+	return c.instancesFrom(service, f, entries), nil
 }
 
 // hostLabel is one label of a DNS host name. The underscore is allowed: Docker names services

@@ -45,22 +45,7 @@ func (s *Store) List(ctx context.Context) ([]route.Route, []error, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("consul kv list %s/: %w", s.prefix, err)
 	}
-	folders := s.folders(pairs)
-	names := make([]string, 0, len(folders))
-	for name := range folders {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	routes := make([]route.Route, 0, len(names))
-	var invalid []error
-	for _, name := range names {
-		r, err := route.FromKV(name, folders[name])
-		if err != nil {
-			invalid = append(invalid, fmt.Errorf("consul kv %s: %w", s.folder(name), err))
-			continue
-		}
-		routes = append(routes, r)
-	}
+	routes, invalid := s.routesFrom(pairs)
 	return routes, invalid, nil
 }
 

@@ -77,18 +77,34 @@ func TestObservedChangesReachHAProxyOnly(t *testing.T) {
 		t.Fatal("observing the same instances, or those of a service no route uses, reloaded HAProxy")
 	}
 
+	if kvIndex() != kvBefore {
+		t.Fatal("observed instances were written back to KV")
+	}
+
+	// Another replica replaces books-ms by other in KV.
 	other := route.Route{ServiceName: "other", ServicePath: []string{"/other"}, PathType: route.PathBeg}
-	if err := p.SyncRoutes(ctx, []route.Route{other}); err != nil {
+	if err := store.Put(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if err := store.Delete(ctx, "books-ms"); err != nil {
+		t.Fatal(err)
+	}
+	kvAfterOthers := kvIndex()
+	if err := p.SyncFromKV(ctx); err != nil {
 		t.Fatal(err)
 	}
 	served := string(hap.Config())
 	if !strings.Contains(served, "backend other-be") || strings.Contains(served, "books-ms") {
-		t.Fatalf("after the route table other was observed HAProxy serves:\n%s", served)
+		t.Fatalf("after KV changed HAProxy serves:\n%s", served)
 	}
-	if kvIndex() != kvBefore {
-		t.Fatal("observed changes were written back to KV")
+	if kvIndex() != kvAfterOthers {
+		t.Fatal("syncing from KV wrote to KV")
 	}
-	if _, found, _ := store.Get(ctx, "books-ms"); !found {
-		t.Fatal("an observed route table removed a route from KV")
+	r = reloads()
+	if err := p.SyncFromKV(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if reloads() != r {
+		t.Fatal("syncing an unchanged route table reloaded HAProxy")
 	}
 }

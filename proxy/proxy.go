@@ -160,6 +160,10 @@ type change struct {
 	observed bool
 	// instancesOnly replaces the instances of a served route (c.instances), if it is served.
 	instancesOnly bool
+	// fromKV brings the served table to KV's (force: re-reading every route's instances); it is
+	// expanded into subs when its batch is applied.
+	fromKV, force bool
+	subs          []*change
 
 	// Filled in while the change is applied.
 	instances []route.Instance
@@ -183,8 +187,18 @@ func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 		// Once started, a commit is not abandoned because one caller went away: HAProxy, KV and the
 		// route table must stay in step.
 		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+		batch, parents := p.expandLocked(cctx, batch)
 		p.commitLocked(cctx, batch)
 		cancel()
+		for _, parent := range parents {
+			var first error
+			for _, sub := range parent.subs {
+				if err := <-sub.done; err != nil && first == nil {
+					first = err
+				}
+			}
+			parent.done <- first
+		}
 	}
 	p.mu.Unlock()
 	var first error
@@ -213,11 +227,12 @@ func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst 
 	return p.submit(ctx, cs...)
 }
 
-// SyncRoutes makes the served routes those of the route table read from KV (written by this or
-// another replica): new and changed routes are served with their instances read from the catalog,
-// routes no longer in KV are removed. Nothing is written to KV.
-func (p *Proxy) SyncRoutes(ctx context.Context, routes []route.Route) error {
-	return p.syncRoutes(ctx, routes, false)
+// SyncFromKV makes the served routes those of the route table in KV (written by this or another
+// replica): new and changed routes are served with their instances read from the catalog, routes
+// no longer in KV are removed. The table is read while changes are applied one batch at a time, so it
+// is never older than a change this proxy made. Nothing is written to KV.
+func (p *Proxy) SyncFromKV(ctx context.Context) error {
+	return p.submit(ctx, &change{fromKV: true, observed: true, done: make(chan error, 1)})
 }
 
 // Reload makes HAProxy serve the route table again. With recreate, the table is first rebuilt from
@@ -226,37 +241,57 @@ func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 	if !recreate {
 		return p.Apply(ctx)
 	}
-	routes, bad, err := p.store.List(ctx)
-	if err != nil {
-		return fmt.Errorf("read route table: %w: %w", ErrConsul, err)
-	}
-	for _, e := range bad {
-		p.log.Warn("skipping a route in KV that is not valid", "error", e)
-	}
-	return p.syncRoutes(ctx, routes, true)
+	return p.submit(ctx, &change{fromKV: true, force: true, observed: true, done: make(chan error, 1)})
 }
 
-// syncRoutes applies a route table from KV; force re-reads the instances of unchanged routes too.
-func (p *Proxy) syncRoutes(ctx context.Context, routes []route.Route, force bool) error {
-	current := map[string]route.Route{}
-	for _, b := range p.Routes() {
-		current[b.Route.ServiceName] = b.Route
-	}
-	var cs []*change
-	for _, r := range routes {
-		if old, ok := current[r.ServiceName]; force || !ok || !old.Equal(r) {
-			r := r
-			cs = append(cs, &change{service: r.ServiceName, route: &r, observed: true, done: make(chan error, 1)})
+// expandLocked replaces each fromKV change by the changes that bring the served table to KV's: they
+// come first, so that the batch's requests, newer than the table, apply after them.
+func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*change, parents []*change) {
+	var rest []*change
+	for _, c := range batch {
+		if !c.fromKV {
+			rest = append(rest, c)
+			continue
 		}
-		delete(current, r.ServiceName)
+		routes, bad, err := p.store.List(ctx)
+		if err != nil {
+			c.done <- fmt.Errorf("read route table: %w: %w", ErrConsul, err)
+			continue
+		}
+		for _, e := range bad {
+			p.log.Warn("skipping a route in KV that is not valid", "error", e)
+		}
+		current := make(map[string]route.Route, len(p.backends))
+		for name, b := range p.backends {
+			current[name] = b.Route
+		}
+		for _, r := range routes {
+			if old, ok := current[r.ServiceName]; c.force || !ok || !old.Equal(r) {
+				r := r
+				c.subs = append(c.subs, &change{service: r.ServiceName, route: &r, observed: true, done: make(chan error, 1)})
+			}
+			delete(current, r.ServiceName)
+		}
+		for _, name := range sortedNames(current) {
+			c.subs = append(c.subs, &change{service: name, observed: true, done: make(chan error, 1)})
+		}
+		if len(c.subs) == 0 {
+			c.done <- nil
+			continue
+		}
+		expanded = append(expanded, c.subs...)
+		parents = append(parents, c)
 	}
-	for name := range current {
-		cs = append(cs, &change{service: name, observed: true, done: make(chan error, 1)})
+	return append(expanded, rest...), parents
+}
+
+func sortedNames(m map[string]route.Route) []string {
+	names := make([]string, 0, len(m))
+	for n := range m {
+		names = append(names, n)
 	}
-	if len(cs) == 0 {
-		return nil
-	}
-	return p.submit(ctx, cs...)
+	sort.Strings(names)
+	return names
 }
 
 // commitLocked applies a batch of changes in the order that keeps every failure harmless: read the

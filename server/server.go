@@ -50,7 +50,10 @@ type Config struct {
 	StatsPort int
 	StatsUser string
 	StatsPass string
-	Logger    *slog.Logger
+	// NoWatch turns off following Consul (the original's behaviour): HAProxy then changes only on
+	// reconfigure, remove and reload requests.
+	NoWatch bool
+	Logger  *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -62,6 +65,7 @@ type Server struct {
 	proxy    *proxy.Proxy
 	api      *http.Server
 	apiAddr  string
+	outage   outage
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -138,6 +142,12 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		s.wg.Add(1)
 		go func() { defer s.wg.Done(); s.loadInBackground(runCtx) }()
 	}
+	if !cfg.NoWatch {
+		w := consul.NewWatcher(cc, consul.NewStore(cc, cfg.InstanceName), cfg.Health, cfg.Logger)
+		s.wg.Add(2)
+		go func() { defer s.wg.Done(); _ = w.Run(runCtx) }()
+		go func() { defer s.wg.Done(); s.follow(runCtx, w) }()
+	}
 
 	l, err := net.Listen("tcp", net.JoinHostPort(cfg.BindAddress, strconv.Itoa(cfg.APIPort)))
 	if err != nil {
@@ -210,8 +220,15 @@ func (s *Server) HAProxy() *haproxy.Process { return s.haproxy }
 // HAProxyRunning reports whether HAProxy runs a worker (for the health endpoint).
 func (s *Server) HAProxyRunning() bool { return s.haproxy.Running() }
 
-// ConsulPing reports whether Consul answers (for the health endpoint).
-func (s *Server) ConsulPing(ctx context.Context) error { return s.consul.Ping(ctx) }
+// ConsulPing reports whether Consul answers (for the health endpoint); during an outage that the
+// watches saw, it says since when.
+func (s *Server) ConsulPing(ctx context.Context) error {
+	err := s.consul.Ping(ctx)
+	if _, since := s.outage.get(); err != nil && !since.IsZero() {
+		return fmt.Errorf("since %s: %w", since.UTC().Format(time.RFC3339), err)
+	}
+	return err
+}
 
 // Stop stops the API, then HAProxy, bounded by ctx.
 func (s *Server) Stop(ctx context.Context) error {

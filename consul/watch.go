@@ -1,0 +1,626 @@
+package consul
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// The watcher's pace.
+const (
+	// watchWait is how long one blocking query waits for a change before Consul answers anyway
+	// (Consul's own default; it adds up to 1/16 of it as jitter).
+	watchWait = 5 * time.Minute
+	// watchMinDelay separates two queries of one watch when the index did not move forward, so
+	// that an index that stays put or goes backwards never makes a hot loop.
+	watchMinDelay = 50 * time.Millisecond
+	// A failed read is retried after watchBackoffMin, doubling up to watchBackoffMax; a success
+	// resets it.
+	watchBackoffMin = 250 * time.Millisecond
+	watchBackoffMax = 10 * time.Second
+	// updatesBuffer is the capacity of the Updates channel.
+	updatesBuffer = 16
+)
+
+// Update is one change seen by a Watcher. It is exactly one of: the instances of a service
+// (Instances non-nil), the route table (RoutesChanged), or an outage (Err).
+type Update struct {
+	// Instances, when non-nil, is the new instance list of Service, as Client.Instances returns it:
+	// filtered, validated, sorted. A service without instances has an empty, non-nil list.
+	Service   string
+	Instances []route.Instance
+	// Routes, when RoutesChanged, is the whole route table read from KV, as Store.List returns it
+	// (the folders that are not valid routes are logged and left out).
+	RoutesChanged bool
+	Routes        []route.Route
+	// Err, when set, says Consul could not be read (the watcher keeps retrying, and keeps what it
+	// knew); Since is when the outage began. Consul is readable again when an update without Err
+	// follows the last one with Err: once the outage is over, every watch that failed reports its
+	// current state, even an unchanged one.
+	Err   error
+	Since time.Time
+}
+
+// watchTiming is the watcher's pace; tests shorten it.
+type watchTiming struct {
+	wait       time.Duration // of a blocking query
+	minDelay   time.Duration // between two queries of one watch whose index did not move forward
+	backoffMin time.Duration // after a failure, doubling up to backoffMax
+	backoffMax time.Duration
+}
+
+// Watcher follows, with blocking queries, the instances of a set of services and the route table's
+// KV prefix, and reports their changes on Updates. It never gives up: a failed read is retried with
+// backoff and reported as an outage, and what it knew is kept; when Consul answers again it reports
+// the current state. Queries go through the Client, so they fail over between its agents.
+//
+// Updates are sent by one goroutine from a queue that keeps only the latest state of each service
+// and of the route table: a slow consumer delays updates but loses none, and never blocks the
+// watches.
+type Watcher struct {
+	c      *Client
+	store  *Store
+	filter HealthFilter
+	logger *slog.Logger
+	timing watchTiming
+
+	updates chan Update
+	notify  chan struct{} // capacity 1: the queue has something for the sender
+
+	mu       sync.Mutex
+	ran      bool
+	runCtx   context.Context   // while Run runs; nil otherwise
+	wg       sync.WaitGroup    // the goroutines that Run starts
+	services map[string]bool   // the services to follow, as Services set them
+	watches  map[string]*watch // the running watches of services
+	routes   *watch            // the running watch of the route table
+	pending  map[updateKey]Update
+	order    []updateKey // of pending, least recently queued first
+
+	// The outage: the watches whose last read failed, since when one has been failing, the last
+	// error, and a channel closed (and replaced) whenever a failed watch reads again, which wakes
+	// the watches waiting to retry.
+	failing map[*watch]bool
+	since   time.Time
+	lastErr error
+	wake    chan struct{}
+}
+
+// updateKey names what an update is about: one service, the route table, or the outage.
+type updateKey struct {
+	kind    updateKind
+	service string
+}
+
+type updateKind int
+
+const (
+	kindService updateKind = iota
+	kindRoutes
+	kindOutage
+)
+
+// watch is one running blocking-query loop.
+type watch struct {
+	key     updateKey
+	name    string // for logs
+	cancel  context.CancelFunc
+	stopped bool // guarded by Watcher.mu: nothing it reads from now on is reported
+}
+
+// NewWatcher returns a watcher of the instances (under filter) of the services that Services
+// names, and of the route table of store (nil: no route table). A nil logger is the client's.
+func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logger) *Watcher {
+	if logger == nil {
+		logger = c.logger
+	}
+	return &Watcher{
+		c:      c,
+		store:  store,
+		filter: filter,
+		logger: logger,
+		timing: watchTiming{
+			wait:       watchWait,
+			minDelay:   watchMinDelay,
+			backoffMin: watchBackoffMin,
+			backoffMax: watchBackoffMax,
+		},
+		updates:  make(chan Update, updatesBuffer),
+		notify:   make(chan struct{}, 1),
+		services: map[string]bool{},
+		watches:  map[string]*watch{},
+		pending:  map[updateKey]Update{},
+		failing:  map[*watch]bool{},
+		wake:     make(chan struct{}),
+	}
+}
+
+// Updates returns the channel of updates. It is closed when Run returns.
+func (w *Watcher) Updates() <-chan Update { return w.updates }
+
+// Services sets the Consul services to follow (the routed ones). The watches of services no longer
+// listed stop (their blocking query is cancelled and their queued update dropped; one already on
+// the channel may still arrive); new ones start and first report their current instances. Invalid
+// names are logged and skipped. Safe to call at any time, before Run too.
+func (w *Watcher) Services(names []string) {
+	want := make(map[string]bool, len(names))
+	for _, name := range names {
+		if err := checkServiceName(name); err != nil {
+			w.logger.Warn("consul watch: ignoring an invalid service name", "service", name, "error", err)
+			continue
+		}
+		want[name] = true
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.services = want
+	if w.runCtx != nil {
+		w.reconcileLocked()
+	}
+}
+
+// Run watches until ctx ends, then stops every watch, waits for its goroutines, closes the Updates
+// channel and returns nil. It fails at once for an invalid health filter, and when called twice.
+func (w *Watcher) Run(ctx context.Context) error {
+	w.mu.Lock()
+	if w.ran {
+		w.mu.Unlock()
+		return errors.New("consul watch: Run called twice")
+	}
+	w.ran = true
+	f, err := ParseHealthFilter(string(w.filter))
+	if err != nil {
+		w.mu.Unlock()
+		close(w.updates)
+		return fmt.Errorf("consul watch: %w", err)
+	}
+	w.filter = f
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	w.runCtx = runCtx
+	if w.store != nil {
+		w.routes = w.startLocked(updateKey{kind: kindRoutes}, "kv "+w.store.Prefix()+"/",
+			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, w.routeSource()) })
+	}
+	w.reconcileLocked()
+	w.wg.Go(func() { w.send(runCtx) })
+	w.mu.Unlock()
+
+	<-ctx.Done()
+
+	w.mu.Lock()
+	w.runCtx = nil
+	for name, wt := range w.watches {
+		w.stopLocked(wt)
+		delete(w.watches, name)
+	}
+	if w.routes != nil {
+		w.stopLocked(w.routes)
+		w.routes = nil
+	}
+	w.mu.Unlock()
+	cancel()
+	w.wg.Wait()
+	close(w.updates)
+	return nil
+}
+
+// reconcileLocked starts and stops service watches to match w.services. w.mu is held and Run runs.
+func (w *Watcher) reconcileLocked() {
+	for name, wt := range w.watches {
+		if !w.services[name] {
+			w.stopLocked(wt)
+			delete(w.watches, name)
+		}
+	}
+	for name := range w.services {
+		if w.watches[name] != nil {
+			continue
+		}
+		w.watches[name] = w.startLocked(updateKey{kind: kindService, service: name}, "service "+name,
+			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, w.serviceSource(name)) })
+	}
+}
+
+// startLocked runs loop in a goroutine, under a context that stopLocked or the end of Run cancels.
+func (w *Watcher) startLocked(key updateKey, name string, loop func(context.Context, *watch)) *watch {
+	ctx, cancel := context.WithCancel(w.runCtx)
+	wt := &watch{key: key, name: name, cancel: cancel}
+	w.wg.Go(func() {
+		defer cancel()
+		loop(ctx, wt)
+	})
+	return wt
+}
+
+// stopLocked cancels a watch, drops its queued update and takes it out of the outage.
+func (w *Watcher) stopLocked(wt *watch) {
+	wt.stopped = true
+	wt.cancel()
+	w.dequeueLocked(wt.key)
+	if w.failing[wt] {
+		delete(w.failing, wt)
+		if w.runCtx != nil {
+			w.outageOverLocked()
+		}
+	}
+}
+
+// source is what one watch reads: fetch runs one (blocking) query from index and returns the
+// content and Consul's new index; same compares two contents; update makes the report of one.
+type source[T any] struct {
+	fetch  func(ctx context.Context, index uint64) (T, uint64, error)
+	same   func(a, b T) bool
+	update func(T) Update
+}
+
+// follow runs the blocking queries of one watch until ctx ends, and reports each content that
+// differs from the last one reported (Consul also wakes blocking queries for unrelated writes).
+// It follows Consul's advice on blocking queries: the index is reset to 0 when it goes backwards
+// (and after a failure, since a restarted Consul starts over from a lower index, and a query from
+// the old one would wait for the whole wait time), an index of 0 is replaced by 1, and queries
+// whose index did not move forward are spaced by the minimum delay.
+func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
+	var (
+		index   uint64
+		last    T
+		known   bool // last was reported
+		failed  bool // the last read failed
+		backoff = w.timing.backoffMin
+	)
+	for {
+		started := time.Now()
+		v, next, err := src.fetch(ctx, index)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			wake := w.failed(wt, err)
+			failed = true
+			index = 0
+			if !pause(ctx, jitter(backoff), wake) {
+				return
+			}
+			backoff = min(2*backoff, w.timing.backoffMax)
+			continue
+		}
+		backoff = w.timing.backoffMin
+		if !known || failed || !src.same(last, v) {
+			w.report(wt, src.update(v))
+			last, known = v, true
+		} else {
+			w.logger.Debug("consul watch: woke up, nothing changed", "watch", wt.name, "index", next)
+		}
+		if failed {
+			w.recovered(wt)
+			failed = false
+		}
+		delay := time.Duration(0)
+		switch {
+		case next == 0:
+			// Consul should never answer 0; a query from 0 returns at once, every time.
+			next, delay = 1, w.timing.minDelay
+		case next < index:
+			w.logger.Info("consul watch: the index went backwards, starting over", "watch", wt.name, "index", next, "previous", index)
+			next, delay = 0, w.timing.minDelay
+		case next == index:
+			delay = w.timing.minDelay
+		}
+		index = next
+		if !pause(ctx, delay-time.Since(started), nil) {
+			return
+		}
+	}
+}
+
+// pause waits for d (nothing when d <= 0), until wake is closed, or until ctx ends (false).
+func pause(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-wake:
+	case <-ctx.Done():
+		return false
+	}
+	return true
+}
+
+// jitter spreads d over ±20%, so that the watches and proxies of one outage do not retry in step.
+func jitter(d time.Duration) time.Duration {
+	if spread := 2 * d / 5; spread > 0 {
+		return d - d/5 + rand.N(spread)
+	}
+	return d
+}
+
+// query runs one read through the client's failover (Client.do); a blocking query from index when
+// index > 0. Client.do bounds each attempt with the client's request timeout, shorter than the
+// wait of a blocking query: a blocking attempt runs under its own deadline instead (the wait,
+// Consul's jitter of up to 1/16 of it, and the request timeout), still ended by ctx. A blocking
+// attempt that fails after the request timeout counts as the agent's failure, and the next agent
+// is tried, as for a timeout.
+func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+	var last uint64
+	err := w.c.do(ctx, func(reqCtx context.Context, a *api.Client) error {
+		q := &api.QueryOptions{}
+		if index > 0 {
+			q.WaitIndex, q.WaitTime = index, w.timing.wait
+			var cancel context.CancelFunc
+			reqCtx, cancel = context.WithTimeout(ctx, w.timing.wait+w.timing.wait/16+w.c.timeout)
+			defer cancel()
+		}
+		meta, err := call(a, q.WithContext(reqCtx))
+		if err != nil {
+			return err
+		}
+		if meta != nil {
+			last = meta.LastIndex
+		}
+		return nil
+	})
+	return last, err
+}
+
+// serviceSource reads the instances of one service.
+func (w *Watcher) serviceSource(service string) source[[]route.Instance] {
+	f := w.filter
+	return source[[]route.Instance]{
+		fetch: func(ctx context.Context, index uint64) ([]route.Instance, uint64, error) {
+			var entries []*api.ServiceEntry
+			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+				var meta *api.QueryMeta
+				var err error
+				entries, meta, err = a.Health().Service(service, "", f == HealthPassing, q)
+				return meta, err
+			})
+			if err != nil {
+				return nil, 0, fmt.Errorf("consul watch health service %s: %w", service, err)
+			}
+			return w.c.instancesFrom(service, f, entries), last, nil
+		},
+		same: slices.Equal[[]route.Instance],
+		update: func(in []route.Instance) Update {
+			return Update{Service: service, Instances: in}
+		},
+	}
+}
+
+// routeSource reads the route table. Folders that are not valid routes are logged when the set of
+// them changes, not at every wake-up.
+func (w *Watcher) routeSource() source[[]route.Route] {
+	s := w.store
+	var lastInvalid []string
+	return source[[]route.Route]{
+		fetch: func(ctx context.Context, index uint64) ([]route.Route, uint64, error) {
+			var pairs api.KVPairs
+			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+				var meta *api.QueryMeta
+				var err error
+				pairs, meta, err = a.KV().List(s.prefix+"/", q)
+				return meta, err
+			})
+			if err != nil {
+				return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
+			}
+			routes, invalid := s.routesFrom(pairs)
+			msgs := make([]string, len(invalid))
+			for i, e := range invalid {
+				msgs[i] = e.Error()
+			}
+			if !slices.Equal(msgs, lastInvalid) {
+				for _, e := range invalid {
+					w.logger.Warn("consul watch: skipping a route folder that is not a valid route", "error", e)
+				}
+				lastInvalid = msgs
+			}
+			return routes, last, nil
+		},
+		same: func(a, b []route.Route) bool {
+			return slices.EqualFunc(a, b, route.Route.Equal)
+		},
+		update: func(rs []route.Route) Update {
+			return Update{RoutesChanged: true, Routes: rs}
+		},
+	}
+}
+
+// report queues the update of a watch that still runs.
+func (w *Watcher) report(wt *watch, u Update) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !wt.stopped {
+		w.enqueueLocked(wt.key, u)
+	}
+}
+
+// failed records a failed read, reports the outage when this watch was reading until now, and
+// returns the channel that wakes the watch up early when another one reads again.
+func (w *Watcher) failed(wt *watch, err error) <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	wake := w.wake
+	if wt.stopped {
+		return wake
+	}
+	if w.failing[wt] {
+		w.logger.Debug("consul watch: still failing, retrying", "watch", wt.name, "error", err)
+		return wake
+	}
+	if len(w.failing) == 0 {
+		w.since = time.Now()
+		w.logger.Warn("consul watch: cannot read Consul, retrying with backoff", "watch", wt.name, "error", err)
+	} else {
+		w.logger.Debug("consul watch: cannot read Consul, retrying with backoff", "watch", wt.name, "error", err)
+	}
+	w.failing[wt] = true
+	w.lastErr = err
+	w.enqueueLocked(updateKey{kind: kindOutage}, Update{Err: err, Since: w.since})
+	return wake
+}
+
+// recovered records that a failed watch reads again (it has just queued its state), and wakes the
+// watches waiting to retry: Consul is probably back for them too.
+func (w *Watcher) recovered(wt *watch) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.failing[wt] {
+		return
+	}
+	delete(w.failing, wt)
+	close(w.wake)
+	w.wake = make(chan struct{})
+	if len(w.failing) > 0 {
+		// Others still fail: the outage goes on after this watch's state.
+		w.enqueueLocked(updateKey{kind: kindOutage}, Update{Err: w.lastErr, Since: w.since})
+		return
+	}
+	w.outageOverLocked()
+}
+
+// outageOverLocked ends the outage once no watch fails: a queued outage report is dropped, since
+// the states that follow it are newer.
+func (w *Watcher) outageOverLocked() {
+	if len(w.failing) > 0 || w.since.IsZero() {
+		return
+	}
+	w.logger.Info("consul watch: reading Consul again", "outage", time.Since(w.since).Round(time.Millisecond))
+	w.since, w.lastErr = time.Time{}, nil
+	w.dequeueLocked(updateKey{kind: kindOutage})
+}
+
+// enqueueLocked queues u as the latest state of key, replacing the one queued before, and moves
+// key to the end of the queue: the consumer receives states in the order of their latest change.
+func (w *Watcher) enqueueLocked(key updateKey, u Update) {
+	w.dequeueLocked(key)
+	w.pending[key] = u
+	w.order = append(w.order, key)
+	select {
+	case w.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Watcher) dequeueLocked(key updateKey) {
+	if _, ok := w.pending[key]; !ok {
+		return
+	}
+	delete(w.pending, key)
+	if i := slices.Index(w.order, key); i >= 0 {
+		w.order = slices.Delete(w.order, i, i+1)
+	}
+}
+
+// next takes the first queued update.
+func (w *Watcher) next() (Update, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.order) == 0 {
+		return Update{}, false
+	}
+	key := w.order[0]
+	w.order = slices.Delete(w.order, 0, 1)
+	u := w.pending[key]
+	delete(w.pending, key)
+	return u, true
+}
+
+// send moves queued updates to the Updates channel until ctx ends. It alone writes the channel,
+// and it alone waits for a slow consumer.
+func (w *Watcher) send(ctx context.Context) {
+	for {
+		u, ok := w.next()
+		if !ok {
+			select {
+			case <-w.notify:
+				continue
+			case <-ctx.Done():
+				return
+			}
+		}
+		select {
+		case w.updates <- u:
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// instancesFrom turns a health answer into the instance list of Client.Instances: the instances
+// that pass f, with a valid address and port (the others are logged), sorted, without duplicates.
+//
+// It repeats the body of Client.Instances, which does not expose the query index a blocking query
+// needs; Instances should call it (catalog.go is not this change's to edit). TestWatcherInstances
+// checks that both agree.
+func (c *Client) instancesFrom(service string, f HealthFilter, entries []*api.ServiceEntry) []route.Instance {
+	out := make([]route.Instance, 0, len(entries))
+	for _, e := range entries {
+		if e == nil || e.Service == nil {
+			continue
+		}
+		if !f.keeps(e.Checks.AggregatedStatus()) {
+			continue
+		}
+		addr := e.Service.Address
+		if addr == "" && e.Node != nil {
+			addr = e.Node.Address
+		}
+		host, ok := validHost(addr)
+		if !ok || e.Service.Port < 1 || e.Service.Port > 65535 {
+			node := ""
+			if e.Node != nil {
+				node = e.Node.Node
+			}
+			c.logger.Warn("consul: skipping an instance with an invalid address or port",
+				"service", service, "id", e.Service.ID, "node", node,
+				"address", addr, "port", e.Service.Port)
+			continue
+		}
+		out = append(out, route.Instance{Address: host, Port: e.Service.Port})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Address != out[j].Address {
+			return out[i].Address < out[j].Address
+		}
+		return out[i].Port < out[j].Port
+	})
+	return slices.Compact(out)
+}
+
+// routesFrom turns the KV pairs under the prefix into the route table of Store.List: the valid
+// routes sorted by name, and the errors of the folders that are not valid routes.
+//
+// It repeats the body of Store.List, which does not expose the query index a blocking query needs;
+// List should call it (store.go is not this change's to edit).
+func (s *Store) routesFrom(pairs api.KVPairs) ([]route.Route, []error) {
+	folders := s.folders(pairs)
+	names := make([]string, 0, len(folders))
+	for name := range folders {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	routes := make([]route.Route, 0, len(names))
+	var invalid []error
+	for _, name := range names {
+		r, err := route.FromKV(name, folders[name])
+		if err != nil {
+			invalid = append(invalid, fmt.Errorf("consul kv %s: %w", s.folder(name), err))
+			continue
+		}
+		routes = append(routes, r)
+	}
+	return routes, invalid
+}

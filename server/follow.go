@@ -1,0 +1,72 @@
+package server
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+)
+
+// outage is Consul's reachability as the watches see it, for the health endpoint.
+type outage struct {
+	mu    sync.Mutex
+	err   error
+	since time.Time
+}
+
+func (o *outage) set(err error, since time.Time) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.err, o.since = err, since
+}
+
+func (o *outage) get() (error, time.Time) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.err, o.since
+}
+
+// follow applies what the watches of Consul see: a routed service's instances changed, or the
+// route table in KV changed (a reconfigure or remove on another replica). It keeps the watched
+// services equal to the routed ones. It returns when ctx ends.
+func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
+	watchRouted := func() {
+		var names []string
+		for _, b := range s.proxy.Routes() {
+			names = append(names, b.Route.ConsulService())
+		}
+		w.Services(names)
+	}
+	watchRouted()
+	for {
+		var u consul.Update
+		select {
+		case <-ctx.Done():
+			return
+		case u = <-w.Updates():
+		}
+		if u.Err != nil {
+			s.outage.set(u.Err, u.Since)
+			s.log.Warn("consul unreachable; serving the last known state", "since", u.Since, "error", u.Err)
+			continue
+		}
+		if err, _ := s.outage.get(); err != nil {
+			s.outage.set(nil, time.Time{})
+			s.log.Info("consul reachable again")
+		}
+		switch {
+		case u.RoutesChanged:
+			// The update is only the news that KV changed: the controller reads the table itself,
+			// in step with its own changes, so that an older snapshot never undoes a newer request.
+			if err := s.proxy.SyncFromKV(ctx); err != nil {
+				s.log.Error("applying the route table from KV failed", "error", err)
+			}
+			watchRouted()
+		case u.Instances != nil:
+			if err := s.proxy.UpdateInstances(ctx, u.Service, u.Instances); err != nil {
+				s.log.Error("applying new instances failed", "service", u.Service, "error", err)
+			}
+		}
+	}
+}
