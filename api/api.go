@@ -213,7 +213,7 @@ func (a *handlers) fail(w http.ResponseWriter, req *http.Request, resp Response,
 func statusOf(err error) int {
 	var pe *route.ParamError
 	switch {
-	case errors.As(err, &pe):
+	case errors.As(err, &pe), errors.Is(err, proxy.ErrRejected):
 		return http.StatusBadRequest
 	case errors.Is(err, proxy.ErrConsul):
 		return http.StatusServiceUnavailable

@@ -60,7 +60,12 @@ func FuzzReconfigureQuery(f *testing.F) {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
 		if err := p.Validate(ctx, cfg); err != nil {
-			t.Fatalf("query %q was accepted but its config fails haproxy -c: %v\n%s", raw, err, cfg)
+			// HAProxy's regex library (PCRE2) refuses some patterns that Go's accepts ("^*"): the
+			// server then answers 400 with HAProxy's message, and nothing changes (see
+			// TestRegexThatHAProxyRefusesIsABadRequest). Any other refusal is a bug.
+			if !strings.Contains(err.Error(), "regex '") {
+				t.Fatalf("query %q was accepted but its config fails haproxy -c: %v\n%s", raw, err, cfg)
+			}
 		}
 	})
 }

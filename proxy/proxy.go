@@ -40,6 +40,9 @@ var (
 	ErrConsul = errors.New("consul")
 	// ErrConfig wraps a config that HAProxy rejected: nothing was changed.
 	ErrConfig = errors.New("haproxy rejected the config")
+	// ErrRejected marks an ErrConfig caused by the change itself: the config served now passes
+	// `haproxy -c`, the one with the change does not. The API answers it with 400.
+	ErrRejected = errors.New("the change makes a config that HAProxy refuses")
 	// ErrApply wraps a reload that failed: KV was restored, the old config keeps serving.
 	ErrApply = errors.New("haproxy reload failed")
 )
@@ -321,6 +324,13 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			for _, c := range ready {
 				p.commitLocked(ctx, []*change{c})
 			}
+			return
+		}
+		if verr := p.haproxy.Validate(ctx, p.renderLocked(p.backends)); verr == nil {
+			// The config served now passes: this change is what HAProxy refuses (a regex that PCRE
+			// rejects, say). The request is at fault.
+			p.log.Info("haproxy -c rejects the config of a change; nothing changed", "service", ready[0].service, "error", err)
+			ready[0].done <- fmt.Errorf("%w: %w: %w", ErrConfig, ErrRejected, err)
 			return
 		}
 		p.log.Error("rendered config rejected by haproxy -c; nothing changed", "error", err)

@@ -108,7 +108,7 @@ func TestConfigRejectedByHAProxyChangesNothing(t *testing.T) {
 	before := p.Config()
 	_, err = p.Reconfigure(ctx, route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg})
 	var ce *haproxy.ConfigError
-	if !errors.Is(err, ErrConfig) || !errors.As(err, &ce) || !strings.Contains(ce.Output, "broken.pem") {
+	if !errors.Is(err, ErrConfig) || errors.Is(err, ErrRejected) || !errors.As(err, &ce) || !strings.Contains(ce.Output, "broken.pem") {
 		t.Fatalf("Reconfigure = %v; want ErrConfig carrying HAProxy's complaint about broken.pem", err)
 	}
 	if _, found, _ := store.Get(ctx, "books-ms"); found {

@@ -453,3 +453,20 @@ func TestAnswerEchoesTheParametersButNoPassword(t *testing.T) {
 		t.Fatalf("answer %+v does not echo the parameters", r)
 	}
 }
+
+// A regex Go accepts but HAProxy's PCRE2 refuses: the request is answered 400 with HAProxy's reason,
+// and nothing changes.
+func TestRegexThatHAProxyRefusesIsABadRequest(t *testing.T) {
+	e := newEnv(t)
+	e.backend("books-ms", "books-1")
+	p := e.startProxy("docker-flow")
+	p.reconfigure(t, booksQuery)
+	cfgBefore, kvBefore := p.config(t), e.kvTree("docker-flow/")
+	code, r := p.call(t, "/v1/docker-flow-proxy/reconfigure?serviceName=r&servicePath=%5E%2A&pathType=path_reg")
+	if code != http.StatusBadRequest || !strings.Contains(r.Message, "regex") {
+		t.Fatalf("a regex HAProxy refuses: %d %+v; want 400 with HAProxy's reason", code, r)
+	}
+	if p.config(t) != cfgBefore || !reflect.DeepEqual(e.kvTree("docker-flow/"), kvBefore) {
+		t.Fatal("the refused request changed the config or KV")
+	}
+}
