@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -50,5 +51,90 @@ func TestReplicasConvergeWithinASecond(t *testing.T) {
 	})
 	if strings.Contains(first.config(t), "books-ms") {
 		t.Fatal("the first replica's config still holds books-ms")
+	}
+}
+
+// waitServers waits until the served config holds n server lines (bounded).
+func (p *running) waitServers(t *testing.T, n int) {
+	t.Helper()
+	eventually(t, 10*time.Second, fmt.Sprintf("%d servers in the config", n), func() bool {
+		return strings.Count(p.config(t), "    server ") == n
+	})
+}
+
+func TestScalingUnderLoadLosesNoRequest(t *testing.T) {
+	e := newEnv(t)
+	e.backend("books-ms", "books-1")
+	p := e.startProxy("docker-flow")
+	p.reconfigure(t, booksQuery)
+	// Four more instances, running all along; scaling registers and deregisters them.
+	for i := 2; i <= 5; i++ {
+		e.backend("books-ms", fmt.Sprintf("books-%d", i))
+		e.consul.DeregisterService(fmt.Sprintf("books-%d", i))
+	}
+	p.waitServers(t, 1)
+
+	stop := make(chan struct{})
+	done := make(chan [2]int64)
+	var firstErr error
+	go func() {
+		sent, failed, err := load(p.http+"/api/v1/books", stop, 120*time.Second, 2_000_000)
+		firstErr = err
+		done <- [2]int64{sent, failed}
+	}()
+	for round := 0; round < 10; round++ {
+		for i := 2; i <= 5; i++ {
+			port := e.portOf(fmt.Sprintf("books-%d", i))
+			e.consul.RegisterService("books-ms", fmt.Sprintf("books-%d", i), "127.0.0.1", port)
+		}
+		p.waitServers(t, 5)
+		for i := 2; i <= 5; i++ {
+			e.consul.DeregisterService(fmt.Sprintf("books-%d", i))
+		}
+		p.waitServers(t, 1)
+	}
+	close(stop)
+	res := <-done
+	if res[1] != 0 {
+		t.Fatalf("%d of %d requests failed while scaling 1 to 5 to 1 ten times; first: %v", res[1], res[0], firstErr)
+	}
+	t.Logf("%d requests, none failed, while scaling 1 to 5 to 1 ten times", res[0])
+}
+
+func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a 20 s outage")
+	}
+	e := newPersistentEnv(t)
+	e.backend("books-ms", "books-1")
+	p := e.startProxy("docker-flow")
+	p.reconfigure(t, booksQuery)
+
+	stop := make(chan struct{})
+	done := make(chan [2]int64)
+	var firstErr error
+	go func() {
+		sent, failed, err := load(p.http+"/api/v1/books", stop, 120*time.Second, 5_000_000)
+		firstErr = err
+		done <- [2]int64{sent, failed}
+	}()
+	e.consul.Stop()
+	time.Sleep(2 * time.Second)
+	code, body := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "since") {
+		t.Errorf("health during the outage: %d %s; want 503 saying since when", code, body)
+	}
+	time.Sleep(18 * time.Second)
+	e.consul.Start()
+	e.backend("books-ms", "books-2") // a new instance, registered once Consul is back
+	start := time.Now()
+	eventually(t, 5*time.Second, "the new instance is served within 5 s of Consul's return", func() bool {
+		return backendsReached(t, p.http+"/api/v1/books", 6)["books-2"] > 0
+	})
+	t.Logf("the new instance was served %s after it was registered", time.Since(start).Round(time.Millisecond))
+	close(stop)
+	res := <-done
+	if res[1] != 0 {
+		t.Fatalf("%d of %d requests failed during a 20 s Consul outage; first: %v", res[1], res[0], firstErr)
 	}
 }

@@ -26,6 +26,7 @@ type env struct {
 	t      *testing.T
 	consul *testenv.Consul
 	kv     *capi.KV
+	ports  map[string]int // backend name -> port
 }
 
 func newEnv(t *testing.T) *env {
@@ -36,7 +37,29 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, consul: c, kv: client.KV()}
+	return &env{t: t, consul: c, kv: client.KV(), ports: map[string]int{}}
+}
+
+// newPersistentEnv is newEnv with a Consul server that keeps its data across Stop and Start.
+func newPersistentEnv(t *testing.T) *env {
+	t.Helper()
+	testenv.HAProxyBin(t)
+	c := testenv.StartConsulServer(t)
+	client, err := capi.NewClient(&capi.Config{Address: c.Addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{t: t, consul: c, kv: client.KV(), ports: map[string]int{}}
+}
+
+// portOf is the port of a backend started by e.backend.
+func (e *env) portOf(name string) int {
+	e.t.Helper()
+	p, ok := e.ports[name]
+	if !ok {
+		e.t.Fatalf("no backend %s", name)
+	}
+	return p
 }
 
 // running is a server and the addresses to reach it.
@@ -108,6 +131,7 @@ func (e *env) backend(service, name string) *httptest.Server {
 	}))
 	e.t.Cleanup(srv.Close)
 	port, _ := strconv.Atoi(srv.URL[strings.LastIndex(srv.URL, ":")+1:])
+	e.ports[name] = port
 	e.consul.RegisterService(service, name, "127.0.0.1", port)
 	return srv
 }

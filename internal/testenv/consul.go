@@ -45,8 +45,28 @@ func StartConsul(t testing.TB) *Consul {
 	return c
 }
 
+// StartConsulServer starts a single Consul server that keeps its data in a folder, so that it comes
+// back from Stop and Start with its catalog and KV, as a production cluster does.
+func StartConsulServer(t testing.TB) *Consul {
+	t.Helper()
+	bin := ConsulBin(t)
+	httpPort := FreePort(t)
+	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
+	c.args = []string{"agent", "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir(),
+		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", "test-node", "-log-level", "warn",
+		"-http-port", strconv.Itoa(httpPort),
+		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+		"-serf-lan-port", strconv.Itoa(FreePort(t)),
+		"-serf-wan-port", strconv.Itoa(FreePort(t)),
+		"-server-port", strconv.Itoa(FreePort(t)),
+	}
+	c.Start()
+	t.Cleanup(c.Stop)
+	return c
+}
+
 // Start (re)starts the agent on the same ports and waits until it has a leader. A dev agent
-// keeps its data in memory: a restarted agent is empty.
+// keeps its data in memory: a restarted dev agent is empty.
 func (c *Consul) Start() {
 	c.t.Helper()
 	c.mu.Lock()
