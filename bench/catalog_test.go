@@ -69,7 +69,7 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 		ConsulAddresses: []string{c.Addr}, BindAddress: "127.0.0.1", HTTPPort: httpPort,
 		APIPort: testenv.FreePort(b), ConfigDir: dir, HAProxyBin: testenv.HAProxyBin(b),
 		Health: consul.HealthPassing, StartupTimeout: time.Minute,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: benchLogLevel()})),
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -129,4 +129,12 @@ func envInt(name string, def int) int {
 		return v
 	}
 	return def
+}
+
+// benchLogLevel is error unless BENCH_LOG=info asks for the server's log.
+func benchLogLevel() slog.Level {
+	if os.Getenv("BENCH_LOG") == "info" {
+		return slog.LevelInfo
+	}
+	return slog.LevelError
 }
