@@ -28,7 +28,8 @@ type Store interface {
 	Delete(ctx context.Context, service string) error
 }
 
-// HAProxy validates and applies configs.
+// HAProxy validates and applies configs. An HAProxy that also has UpdateServers (serverUpdater), as
+// *haproxy.Process has, gets changes of instances only without a reload.
 type HAProxy interface {
 	Validate(ctx context.Context, cfg []byte) error
 	Apply(ctx context.Context, cfg []byte) error
@@ -357,7 +358,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		next = p.nextLocked(written)
 		cfg = p.renderLocked(next)
 	}
-	if err := p.haproxy.Apply(ctx, cfg); err != nil {
+	if err := p.applyLocked(ctx, cfg); err != nil {
 		err = fmt.Errorf("%w: %w", ErrApply, err)
 		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), restoreTimeout)
 		defer cancel()
@@ -378,6 +379,49 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	for _, c := range written {
 		c.done <- nil
 	}
+}
+
+// serverUpdater is an HAProxy that can change the servers of its backends without a reload.
+type serverUpdater interface {
+	UpdateServers(ctx context.Context, cfg []byte) error
+}
+
+// applyLocked makes HAProxy serve cfg. When cfg differs from the config of the table served only in
+// the servers of existing backends, it goes through the runtime API (no reload); otherwise, or when
+// that fails, by a validated reload, which also repairs a partly done runtime update.
+func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
+	up, ok := p.haproxy.(serverUpdater)
+	if !ok {
+		return p.haproxy.Apply(ctx, cfg)
+	}
+	changes, serversOnly := haproxy.DiffServers(p.renderLocked(p.backends), cfg)
+	if serversOnly && len(changes) == 0 {
+		return p.haproxy.Apply(ctx, cfg) // the same config: no reload, nothing to log
+	}
+	added, removed := 0, 0
+	for _, c := range changes {
+		added += len(c.Add)
+		removed += len(c.Remove)
+	}
+	if serversOnly {
+		err := up.UpdateServers(ctx, cfg)
+		if err == nil {
+			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(changes),
+				"servers_added", added, "servers_removed", removed)
+			return nil
+		}
+		lvl := slog.LevelWarn
+		if errors.Is(err, haproxy.ErrNeedsReload) {
+			lvl = slog.LevelInfo // refused before any change (no stats socket, say)
+		}
+		p.log.Log(ctx, lvl, "changing servers through the runtime API failed; reloading instead", "error", err)
+	}
+	if err := p.haproxy.Apply(ctx, cfg); err != nil {
+		return err
+	}
+	p.log.Info("haproxy updated", "path", "reload", "servers_only", serversOnly,
+		"servers_added", added, "servers_removed", removed)
+	return nil
 }
 
 // nextLocked returns the route table with the changes applied in order, and records in each change
