@@ -18,14 +18,21 @@ func TestNewInstanceIsServedWithoutAnyCall(t *testing.T) {
 	if got := backendsReached(t, p.http+"/api/v1/books", 9); len(got) != 3 {
 		t.Fatalf("reached %v, want three instances", got)
 	}
+	before := reloads(t, p)
 	e.backend("books-ms", "books-4")
 	eventually(t, 5*time.Second, "the fourth instance receives traffic with no API call", func() bool {
 		return backendsReached(t, p.http+"/api/v1/books", 8)["books-4"] > 0
 	})
+	if r := reloads(t, p); r != before {
+		t.Fatalf("adding an instance reloaded HAProxy %d times; the runtime API should have done it", r-before)
+	}
 	e.consul.DeregisterService("books-4")
 	eventually(t, 5*time.Second, "the deregistered instance receives no more traffic", func() bool {
 		return backendsReached(t, p.http+"/api/v1/books", 8)["books-4"] == 0
 	})
+	if r := reloads(t, p); r != before {
+		t.Fatalf("removing an instance reloaded HAProxy %d times", r-before)
+	}
 }
 
 func TestReplicasConvergeWithinASecond(t *testing.T) {
