@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"strconv"
@@ -21,6 +22,22 @@ type Controller interface {
 	Remove(ctx context.Context, serviceName string) (bool, error)
 	Config() []byte
 	Reload(ctx context.Context, recreate bool) error
+}
+
+// Certs stores certificates and says which are served.
+type Certs interface {
+	// PutCert stores a certificate (chain and private key, PEM) under a file name ending in .pem
+	// and returns once HAProxy serves it.
+	PutCert(ctx context.Context, name string, pem []byte) error
+	// CertNames lists the certificates' file names HAProxy serves.
+	CertNames() ([]string, error)
+}
+
+// CertsResponse is the answer of GET /certs.
+type CertsResponse struct {
+	Status  string
+	Message string
+	Certs   []string
 }
 
 // Health reports whether the parts the proxy depends on are reachable.
@@ -68,26 +85,29 @@ const (
 const RequestTimeout = 60 * time.Second
 
 // Handler returns the API's routes.
-func Handler(c Controller, h Health, logger *slog.Logger) http.Handler {
+func Handler(c Controller, h Health, certs Certs, logger *slog.Logger) http.Handler {
 	if logger == nil {
 		logger = slog.Default()
 	}
-	a := &handlers{c: c, h: h, log: logger}
+	a := &handlers{c: c, h: h, certs: certs, log: logger}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/v1/docker-flow-proxy/reconfigure", a.reconfigure)
 	mux.HandleFunc("/v1/docker-flow-proxy/remove", a.remove)
 	mux.HandleFunc("/v1/docker-flow-proxy/config", a.config)
 	mux.HandleFunc("/v1/docker-flow-proxy/reload", a.reload)
 	mux.HandleFunc("/v1/docker-flow-proxy/health", a.health)
+	mux.HandleFunc("/v1/docker-flow-proxy/cert", a.putCert)
+	mux.HandleFunc("/v1/docker-flow-proxy/certs", a.listCerts)
 	mux.HandleFunc("/v1/test", a.test)
 	mux.HandleFunc("/v1/docker-flow-proxy/test", a.test)
 	return mux
 }
 
 type handlers struct {
-	c   Controller
-	h   Health
-	log *slog.Logger
+	c     Controller
+	h     Health
+	certs Certs
+	log   *slog.Logger
 }
 
 func (a *handlers) reconfigure(w http.ResponseWriter, req *http.Request) {
@@ -104,6 +124,13 @@ func (a *handlers) reconfigure(w http.ResponseWriter, req *http.Request) {
 	resp = fromRoute(r)
 	ctx, cancel := context.WithTimeout(req.Context(), RequestTimeout)
 	defer cancel()
+	if pem := q.Get(route.ParamServiceCert); pem != "" {
+		// Validated by FromQuery; stored as PUT /cert stores it, before the route is served.
+		if err := a.putCertErr(ctx, route.ServiceCertName(r.ServiceName), []byte(pem)); err != nil {
+			a.fail(w, req, resp, err)
+			return
+		}
+	}
 	inst, err := a.c.Reconfigure(ctx, r)
 	if err != nil {
 		a.fail(w, req, resp, err)
@@ -166,6 +193,66 @@ func (a *handlers) reload(w http.ResponseWriter, req *http.Request) {
 		msg = "the route table was rebuilt from Consul and is served"
 	}
 	writeJSON(w, http.StatusOK, Response{Status: StatusOK, Message: msg})
+}
+
+// putCert stores the request's body as a certificate: PUT /v1/docker-flow-proxy/cert?certName=<name>.
+func (a *handlers) putCert(w http.ResponseWriter, req *http.Request) {
+	if req.Method != http.MethodPut && req.Method != http.MethodPost {
+		w.Header().Set("Allow", "PUT, POST")
+		writeJSON(w, http.StatusMethodNotAllowed, Response{Status: StatusNOK, Message: "method " + req.Method + " is not allowed"})
+		return
+	}
+	name, err := route.CertName(req.URL.Query().Get(route.ParamCertName))
+	if err != nil {
+		a.fail(w, req, Response{}, err)
+		return
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, req.Body, route.MaxCertSize))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			err = &route.ParamError{Param: "body", Reason: "is larger than " + strconv.Itoa(route.MaxCertSize) + " bytes"}
+		} else {
+			err = &route.ParamError{Param: "body", Reason: "could not be read: " + err.Error()}
+		}
+		a.fail(w, req, Response{}, err)
+		return
+	}
+	if err := route.ValidateCert("body", body); err != nil {
+		a.fail(w, req, Response{}, err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(req.Context(), RequestTimeout)
+	defer cancel()
+	if err := a.putCertErr(ctx, name, body); err != nil {
+		a.fail(w, req, Response{}, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, Response{Status: StatusOK, Message: "certificate " + name + " is stored and served"})
+}
+
+func (a *handlers) putCertErr(ctx context.Context, name string, pem []byte) error {
+	if a.certs == nil {
+		return errors.New("this proxy does not store certificates")
+	}
+	return a.certs.PutCert(ctx, name, pem)
+}
+
+// listCerts answers GET /v1/docker-flow-proxy/certs: the certificates' file names.
+func (a *handlers) listCerts(w http.ResponseWriter, req *http.Request) {
+	var names []string
+	if a.certs != nil {
+		var err error
+		if names, err = a.certs.CertNames(); err != nil {
+			a.log.Error("listing the certificates failed", "error", err)
+			writeJSON(w, http.StatusInternalServerError, CertsResponse{Status: StatusNOK, Message: err.Error()})
+			return
+		}
+	}
+	if names == nil {
+		names = []string{}
+	}
+	writeJSON(w, http.StatusOK, CertsResponse{Status: StatusOK, Certs: names})
 }
 
 func (a *handlers) config(w http.ResponseWriter, req *http.Request) {

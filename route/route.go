@@ -3,6 +3,9 @@
 package route
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net/url"
 	"regexp"
@@ -184,7 +187,7 @@ const (
 // Unsupported lists the original product's reconfigure parameters that this version does not
 // implement. A request that sets one is refused rather than served with a different meaning.
 var Unsupported = []string{
-	"serviceCert", "reqMode", "srcPort", "port",
+	"reqMode", "srcPort", "port",
 	"templateFePath", "templateBePath", "consulTemplateFePath", "consulTemplateBePath",
 }
 
@@ -200,6 +203,15 @@ var (
 
 // FromQuery reads and validates a reconfigure request's query.
 func FromQuery(q url.Values) (Route, error) {
+	if len(q[ParamServiceCert]) > 1 {
+		return Route{}, paramErr(ParamServiceCert, "given %d times; give it once", len(q[ParamServiceCert]))
+	}
+	if c := q.Get(ParamServiceCert); c != "" {
+		// Stored apart from the route (see ServiceCertName); validated here so that a bad PEM is a 400.
+		if err := ValidateCert(ParamServiceCert, []byte(c)); err != nil {
+			return Route{}, err
+		}
+	}
 	for _, p := range Unsupported {
 		if q.Get(p) != "" {
 			return Route{}, paramErr(p, "is not supported by this version of docker-flow-proxy")
@@ -765,4 +777,77 @@ func quoteForMessage(s string) string {
 // SortByName orders routes by service name, the order the renderer and the API use.
 func SortByName(routes []Route) {
 	sort.Slice(routes, func(i, j int) bool { return routes[i].ServiceName < routes[j].ServiceName })
+}
+
+// Certificates: PUT /cert and reconfigure's serviceCert. A certificate is a PEM file holding the
+// certificate chain and its private key; HAProxy serves every one of them and picks by SNI.
+const (
+	// ParamServiceCert is reconfigure's parameter: the service's PEM, stored as <serviceName>.pem.
+	// It is not part of the route (nor of its KV folder): it is stored with the certificates.
+	ParamServiceCert = "serviceCert"
+	// ParamCertName names the certificate of PUT /cert.
+	ParamCertName = "certName"
+	// MaxCertSize bounds a PEM's size.
+	MaxCertSize = 1 << 20
+	// certNameMax bounds a certificate's file name, ".pem" included.
+	certNameMax = 132
+)
+
+var certNameRe = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+
+// CertName validates the name of a certificate and returns its file name: the name with ".pem"
+// appended unless it ends with it. A refusal is a *ParamError naming certName.
+func CertName(name string) (string, error) {
+	switch {
+	case name == "":
+		return "", paramErr(ParamCertName, "is required")
+	case !certNameRe.MatchString(name):
+		return "", paramErr(ParamCertName, "%q may use only letters, digits, '_', '.' and '-'", name)
+	case strings.HasPrefix(name, "."):
+		return "", paramErr(ParamCertName, "%q may not start with '.'", name)
+	}
+	if !strings.HasSuffix(name, ".pem") {
+		name += ".pem"
+	}
+	if len(name) > certNameMax {
+		return "", paramErr(ParamCertName, "is longer than %d characters", certNameMax)
+	}
+	return name, nil
+}
+
+// ServiceCertName is the file name of the certificate given with a route's serviceCert.
+func ServiceCertName(serviceName string) string { return serviceName + ".pem" }
+
+// ValidateCert checks that data is a PEM file that HAProxy can serve: at most MaxCertSize bytes, at
+// least one CERTIFICATE block, every one of them a valid X.509 certificate, and a private key that
+// matches the first certificate. A refusal is a *ParamError naming param.
+func ValidateCert(param string, data []byte) error {
+	if len(data) == 0 {
+		return paramErr(param, "is empty: give the certificate chain and its private key as PEM")
+	}
+	if len(data) > MaxCertSize {
+		return paramErr(param, "is larger than %d bytes", MaxCertSize)
+	}
+	certs := 0
+	for rest := data; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		if b.Type != "CERTIFICATE" {
+			continue
+		}
+		certs++
+		if _, err := x509.ParseCertificate(b.Bytes); err != nil {
+			return paramErr(param, "certificate %d is not valid: %v", certs, err)
+		}
+	}
+	if certs == 0 {
+		return paramErr(param, "holds no PEM CERTIFICATE block")
+	}
+	if _, err := tls.X509KeyPair(data, data); err != nil {
+		return paramErr(param, "holds no private key that matches the certificate: %v", err)
+	}
+	return nil
 }

@@ -3,7 +3,9 @@
 package server
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +68,9 @@ type Server struct {
 	api      *http.Server
 	apiAddr  string
 	outage   outage
+	certs    *consul.CertStore
+	certHAP  *certsHAProxy
+	certMu   sync.Mutex // held while a certificate is written and served
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
 	stopOnce sync.Once
@@ -118,15 +123,23 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.Users = users
 	settings.StatsPort, settings.StatsUser = cfg.StatsPort, statsUser
 	if cfg.CertsDir != "" {
+		if err := os.MkdirAll(cfg.CertsDir, 0o755); err != nil {
+			// HTTPS is then off and certificates cannot be stored; HTTP still serves.
+			cfg.Logger.Warn("could not create the certificates folder", "certs_dir", cfg.CertsDir, "error", err)
+		}
+		// The controller always renders the https bind; certsHAProxy drops it while the folder
+		// holds no PEM, so that a certificate added at run time is served without a restart.
 		settings.CertsDir = cfg.CertsDir
-		settings.HasCerts = hasCerts(cfg.CertsDir)
+		settings.HasCerts = true
 	}
 	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
+	certHAP := newCertsHAProxy(hap, settings)
 	catalog := catalogFilter{c: cc, filter: cfg.Health}
-	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
+	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), certHAP, settings, cfg.Logger)
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel}
+	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,
+		certs: consul.NewCertStore(cc, cfg.InstanceName), certHAP: certHAP}
 
 	loaded := true
 	initial, err := s.loadWithRetry(ctx, cfg.StartupTimeout)
@@ -134,7 +147,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		s.log.Error("could not load the route table from consul; serving no route until it answers", "error", err)
 		initial, loaded = p.Config(), false
 	}
-	if err := hap.Start(ctx, initial); err != nil {
+	if err := hap.Start(ctx, certHAP.adjust(initial)); err != nil {
 		cancel()
 		return nil, fmt.Errorf("start haproxy: %w", err)
 	}
@@ -155,7 +168,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("api listener: %w", err)
 	}
 	s.apiAddr = l.Addr().String()
-	s.api = &http.Server{Handler: api.Handler(p, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
+	s.api = &http.Server{Handler: api.Handler(apiController{p, certHAP}, s, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -174,7 +187,11 @@ func (s *Server) loadWithRetry(ctx context.Context, timeout time.Duration) ([]by
 	defer cancel()
 	delay := 200 * time.Millisecond
 	for {
-		cfg, err := s.proxy.Load(ctx)
+		err := s.writeCertsFromKV(ctx)
+		var cfg []byte
+		if err == nil {
+			cfg, err = s.proxy.Load(ctx)
+		}
 		if err == nil {
 			return cfg, nil
 		}
@@ -197,7 +214,11 @@ func (s *Server) loadInBackground(ctx context.Context) {
 			return
 		case <-time.After(delay):
 		}
-		if _, err := s.proxy.Load(ctx); err != nil {
+		err := s.writeCertsFromKV(ctx)
+		if err == nil {
+			_, err = s.proxy.Load(ctx)
+		}
+		if err != nil {
 			s.log.Warn("loading the route table failed; retrying", "error", err, "retry_in", delay)
 			delay = min(delay*2, 30*time.Second)
 			continue
@@ -259,9 +280,239 @@ func (f catalogFilter) Instances(ctx context.Context, service string) ([]route.I
 	return f.c.Instances(ctx, service, f.filter)
 }
 
-func hasCerts(dir string) bool {
-	m, _ := filepath.Glob(filepath.Join(dir, "*.pem"))
-	return len(m) > 0
+// PutCert validates a certificate (chain and private key, PEM), stores it in KV under
+// <instance>-certs/<name>, writes it to the certificates folder and makes HAProxy serve it with a
+// validated reload. name is a file name (route.CertName). On any failure the folder and KV are
+// left as they were and HAProxy keeps serving what it served.
+func (s *Server) PutCert(ctx context.Context, name string, pem []byte) error {
+	if s.cfg.CertsDir == "" {
+		return errors.New("put certificate: no certificates folder is configured (CERTS_DIR)")
+	}
+	file, err := route.CertName(name)
+	if err != nil {
+		return err
+	}
+	if file != name {
+		return &route.ParamError{Param: route.ParamCertName, Reason: fmt.Sprintf("%q does not end with .pem", name)}
+	}
+	if err := route.ValidateCert("body", pem); err != nil {
+		return err
+	}
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+
+	path := filepath.Join(s.cfg.CertsDir, name)
+	oldKV, hadKV, err := s.certs.Get(ctx, name)
+	if err != nil {
+		return fmt.Errorf("put certificate %s: %w: %w", name, proxy.ErrConsul, err)
+	}
+	oldFile, err := os.ReadFile(path)
+	hadFile := err == nil
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("put certificate %s: %w", name, err)
+	}
+	if err := s.certs.Put(ctx, name, pem); err != nil {
+		return fmt.Errorf("put certificate %s: %w: %w", name, proxy.ErrConsul, err)
+	}
+	undo := func(what error) error {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		var ferr, kerr error
+		if hadFile {
+			ferr = writeFileAtomic(path, oldFile)
+		} else if e := os.Remove(path); e != nil && !errors.Is(e, os.ErrNotExist) {
+			ferr = e
+		}
+		if hadKV {
+			kerr = s.certs.Put(rctx, name, oldKV)
+		} else {
+			kerr = s.certs.Delete(rctx, name)
+		}
+		if ferr != nil || kerr != nil {
+			s.log.Error("a certificate change failed and could not be undone", "cert", name, "error", what,
+				"file_error", ferr, "kv_error", kerr)
+		}
+		return what
+	}
+	if err := writeFileAtomic(path, pem); err != nil {
+		return undo(fmt.Errorf("put certificate %s: %w", name, err))
+	}
+	if err := s.proxy.Apply(ctx); err != nil {
+		var ce *haproxy.ConfigError
+		if errors.As(err, &ce) {
+			// The PEM passed Go's checks but HAProxy refuses it: the request is at fault.
+			err = fmt.Errorf("%w: %w", proxy.ErrRejected, err)
+		}
+		return undo(fmt.Errorf("put certificate %s: %w", name, err))
+	}
+	s.log.Info("certificate stored and served", "cert", name)
+	return nil
+}
+
+// CertNames lists the certificates HAProxy serves: the PEM files of the certificates folder.
+func (s *Server) CertNames() ([]string, error) {
+	if s.cfg.CertsDir == "" {
+		return nil, nil
+	}
+	return pemFiles(s.cfg.CertsDir)
+}
+
+// writeCertsFromKV writes every certificate stored in KV to the certificates folder (a new replica
+// then serves the certificates added to another one). Files that are not in KV are left alone.
+func (s *Server) writeCertsFromKV(ctx context.Context) error {
+	if s.cfg.CertsDir == "" {
+		return nil
+	}
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+	certs, skipped, err := s.certs.List(ctx)
+	if err != nil {
+		return fmt.Errorf("load certificates: %w: %w", proxy.ErrConsul, err)
+	}
+	for _, k := range skipped {
+		s.log.Warn("skipping a KV key that is not a certificate name", "key", k)
+	}
+	for name, data := range certs {
+		if err := route.ValidateCert(name, data); err != nil {
+			s.log.Warn("skipping a certificate in KV that is not valid", "key", s.certs.Prefix()+"/"+name, "error", err)
+			continue
+		}
+		path := filepath.Join(s.cfg.CertsDir, name)
+		if old, err := os.ReadFile(path); err == nil && bytes.Equal(old, data) {
+			continue
+		}
+		if err := writeFileAtomic(path, data); err != nil {
+			return fmt.Errorf("load certificates: %w", err)
+		}
+		s.log.Info("certificate written from KV", "cert", name)
+	}
+	return nil
+}
+
+// writeFileAtomic writes data to path with mode 0600 through a hidden temporary file in the same
+// folder (HAProxy skips hidden files) and a rename: HAProxy never reads half a certificate.
+func writeFileAtomic(path string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // fails harmlessly once renamed
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+// pemFiles lists the *.pem files of dir, sorted.
+func pemFiles(dir string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, e := range entries {
+		if e.Type().IsRegular() && strings.HasSuffix(e.Name(), ".pem") && !strings.HasPrefix(e.Name(), ".") {
+			out = append(out, e.Name())
+		}
+	}
+	return out, nil
+}
+
+// certsHAProxy is the HAProxy the controller drives; it makes the config follow the certificates
+// folder, which the renderer, being pure, cannot see:
+//   - while the folder holds no PEM, the https bind is left out (HAProxy refuses `ssl crt` on a
+//     folder without certificates);
+//   - otherwise a last comment line carries a digest of the folder's PEM files, so that a
+//     certificate added or replaced makes a different config and hence a validated reload (HAProxy
+//     reads certificates only when it loads its config; an equal config is not reloaded).
+//
+// TODO: once the controller can be told whether certificates exist and to reload, drop this.
+type certsHAProxy struct {
+	*haproxy.Process
+	dir  string
+	bind string // "\n" + the https bind line + "\n", as Render writes it
+}
+
+func newCertsHAProxy(p *haproxy.Process, s haproxy.Settings) *certsHAProxy {
+	h := &certsHAProxy{Process: p, dir: s.CertsDir}
+	if h.dir == "" {
+		return h
+	}
+	s.HasCerts = true
+	with := strings.SplitAfter(string(haproxy.Render(s, nil)), "\n")
+	s.HasCerts = false
+	without := strings.SplitAfter(string(haproxy.Render(s, nil)), "\n")
+	for i, l := range with {
+		if i >= len(without) || l != without[i] {
+			h.bind = "\n" + l
+			break
+		}
+	}
+	return h
+}
+
+// adjust makes cfg, as rendered, the config for the certificates folder as it is now.
+func (h *certsHAProxy) adjust(cfg []byte) []byte {
+	if h.dir == "" || h.bind == "" {
+		return cfg
+	}
+	names, err := pemFiles(h.dir)
+	if err != nil || len(names) == 0 {
+		return bytes.Replace(cfg, []byte(h.bind), []byte("\n"), 1)
+	}
+	sum := sha256.New()
+	for _, n := range names {
+		data, err := os.ReadFile(filepath.Join(h.dir, n))
+		if err != nil {
+			data = []byte(err.Error())
+		}
+		fmt.Fprintf(sum, "%s %d\n", n, len(data))
+		sum.Write(data)
+	}
+	out := make([]byte, 0, len(cfg)+80)
+	out = append(out, cfg...)
+	return fmt.Appendf(out, "# certificates: %d, sha256 %x\n", len(names), sum.Sum(nil))
+}
+
+// apiController is the controller as the API sees it: its config is the one HAProxy is given.
+type apiController struct {
+	*proxy.Proxy
+	hap *certsHAProxy
+}
+
+func (c apiController) Config() []byte { return c.hap.adjust(c.Proxy.Config()) }
+
+func (h *certsHAProxy) Validate(ctx context.Context, cfg []byte) error {
+	return h.Process.Validate(ctx, h.adjust(cfg))
+}
+
+func (h *certsHAProxy) Apply(ctx context.Context, cfg []byte) error {
+	return h.Process.Apply(ctx, h.adjust(cfg))
+}
+
+// UpdateServers passes the adjusted config to the HAProxy's runtime-API path when it has one (the
+// controller compares configs as rendered; HAProxy compares them with the one it serves, adjusted),
+// and reloads otherwise.
+func (h *certsHAProxy) UpdateServers(ctx context.Context, cfg []byte) error {
+	up, ok := any(h.Process).(interface {
+		UpdateServers(ctx context.Context, cfg []byte) error
+	})
+	if !ok {
+		return h.Apply(ctx, cfg)
+	}
+	return up.UpdateServers(ctx, h.adjust(cfg))
 }
 
 // raiseFileLimit lifts the soft open-files limit to the hard one: HAProxy derives its maxconn from it.

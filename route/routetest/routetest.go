@@ -1,7 +1,13 @@
 // Package routetest holds inputs shared by the tests of several packages.
 package routetest
 
-import "strings"
+import (
+	"net/url"
+	"strings"
+)
+
+// badCertPEM is a CERTIFICATE block whose content is not a certificate.
+const badCertPEM = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n"
 
 // Hash is the SHA-512 crypt hash of the password "secret" (openssl passwd -6 -salt abcdefgh secret).
 const Hash = "$6$abcdefgh$ltjgWl6579NluT/Vi1nwEvcil.G5Nbc4NiXZaNGStk8PSwGfQv72N2CKPPrVACtLtip/cZ/1GM/O6IND4WQhG."
@@ -65,6 +71,9 @@ func optionBadQueries() []BadQuery {
 	const q = "serviceName=books-ms&servicePath=/api&"
 	hashWith := func(bad string) string { return strings.Replace(Hash, "ltjg", bad, 1) }
 	return []BadQuery{
+		{"serviceCert not a PEM", q + "serviceCert=garbage", "serviceCert"},
+		{"serviceCert with a bad certificate block", q + "serviceCert=" + url.QueryEscape(badCertPEM), "serviceCert"},
+		{"serviceCert twice", q + "serviceCert=a&serviceCert=b", "serviceCert"},
 		{"search without replace", q + "reqPathSearch=/a/", "reqPathReplace"},
 		{"replace without search", q + "reqPathReplace=/b/", "reqPathSearch"},
 		{"search not a regex", q + "reqPathSearch=/a(b&reqPathReplace=/", "reqPathSearch"},
