@@ -218,7 +218,13 @@ func (p *Process) Start(ctx context.Context, cfg []byte) error {
 // wrapping ErrReloadFailed: the previous config keeps serving and is written back to disk.
 // While the supervisor restarts HAProxy, Apply waits for it (bounded by ctx). A cfg equal to the
 // one served returns nil at once.
-func (p *Process) Apply(ctx context.Context, cfg []byte) error {
+func (p *Process) Apply(ctx context.Context, cfg []byte) error { return p.apply(ctx, cfg, false) }
+
+// Reload makes HAProxy load cfg even when it equals the config served: HAProxy reads files the
+// config names (certificates) only when it loads it. It validates first, as Apply does.
+func (p *Process) Reload(ctx context.Context, cfg []byte) error { return p.apply(ctx, cfg, true) }
+
+func (p *Process) apply(ctx context.Context, cfg []byte, force bool) error {
 	if err := acquire(ctx, p.applySem); err != nil {
 		return fmt.Errorf("haproxy apply: %w", err)
 	}
@@ -227,7 +233,7 @@ func (p *Process) Apply(ctx context.Context, cfg []byte) error {
 	p.mu.Lock()
 	same := p.started && !p.uncertain && bytes.Equal(p.cfg, cfg)
 	p.mu.Unlock()
-	if same {
+	if same && !force {
 		return nil
 	}
 

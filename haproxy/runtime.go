@@ -226,13 +226,18 @@ func (p *Process) changeServers(ctx context.Context, sock string, changes []Serv
 				return added, removed, err
 			}
 			added++
-			if err := runtimeCmd(ctx, sock, "enable server "+id, ""); err != nil {
-				return added, removed, err
-			}
 			if s.Check {
 				if err := runtimeCmd(ctx, sock, "enable health "+id, ""); err != nil {
 					return added, removed, err
 				}
+				// Consul already reports the instance healthy: serve it now rather than after
+				// HAProxy's first check (up to its interval later). A failing check still takes it out.
+				if err := runtimeCmd(ctx, sock, "set server "+id+" health up", ""); err != nil {
+					return added, removed, err
+				}
+			}
+			if err := runtimeCmd(ctx, sock, "enable server "+id, ""); err != nil {
+				return added, removed, err
 			}
 		}
 	}

@@ -381,6 +381,41 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 }
 
+// reloader is an HAProxy that can be made to load a config equal to the one it serves.
+type reloader interface {
+	Reload(ctx context.Context, cfg []byte) error
+}
+
+// SetCerts tells the controller whether the certificates folder holds a certificate, for the next
+// config it renders (before HAProxy starts).
+func (p *Proxy) SetCerts(hasCerts bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.settings.HasCerts = hasCerts
+}
+
+// RefreshCerts tells the controller whether the certificates folder holds a certificate, and makes
+// HAProxy load the folder again (it reads certificates only when it loads its config): the HTTPS
+// bind appears with the first certificate, and a new or replaced one is served.
+func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	old := p.settings.HasCerts
+	p.settings.HasCerts = hasCerts
+	cfg := p.renderLocked(p.backends)
+	var err error
+	if r, ok := p.haproxy.(reloader); ok {
+		err = r.Reload(ctx, cfg)
+	} else {
+		err = p.haproxy.Apply(ctx, cfg)
+	}
+	if err != nil {
+		p.settings.HasCerts = old
+		return fmt.Errorf("%w: %w", ErrApply, err)
+	}
+	return nil
+}
+
 // serverUpdater is an HAProxy that can change the servers of its backends without a reload.
 type serverUpdater interface {
 	UpdateServers(ctx context.Context, cfg []byte) error

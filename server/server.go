@@ -5,7 +5,6 @@ package server
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -69,7 +68,6 @@ type Server struct {
 	apiAddr  string
 	outage   outage
 	certs    *consul.CertStore
-	certHAP  *certsHAProxy
 	certMu   sync.Mutex // held while a certificate is written and served
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -127,19 +125,17 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 			// HTTPS is then off and certificates cannot be stored; HTTP still serves.
 			cfg.Logger.Warn("could not create the certificates folder", "certs_dir", cfg.CertsDir, "error", err)
 		}
-		// The controller always renders the https bind; certsHAProxy drops it while the folder
-		// holds no PEM, so that a certificate added at run time is served without a restart.
+		// HAProxy refuses `ssl crt` on a folder without certificates: the HTTPS bind comes with the
+		// first one (RefreshCerts). The folder is read again once KV's certificates are written.
 		settings.CertsDir = cfg.CertsDir
-		settings.HasCerts = true
 	}
 	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
-	certHAP := newCertsHAProxy(hap, settings)
 	catalog := catalogFilter{c: cc, filter: cfg.Health}
-	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), certHAP, settings, cfg.Logger)
+	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,
-		certs: consul.NewCertStore(cc, cfg.InstanceName), certHAP: certHAP}
+		certs: consul.NewCertStore(cc, cfg.InstanceName)}
 
 	loaded := true
 	initial, err := s.loadWithRetry(ctx, cfg.StartupTimeout)
@@ -147,7 +143,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		s.log.Error("could not load the route table from consul; serving no route until it answers", "error", err)
 		initial, loaded = p.Config(), false
 	}
-	if err := hap.Start(ctx, certHAP.adjust(initial)); err != nil {
+	if err := hap.Start(ctx, initial); err != nil {
 		cancel()
 		return nil, fmt.Errorf("start haproxy: %w", err)
 	}
@@ -168,7 +164,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("api listener: %w", err)
 	}
 	s.apiAddr = l.Addr().String()
-	s.api = &http.Server{Handler: api.Handler(apiController{p, certHAP}, s, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
+	s.api = &http.Server{Handler: api.Handler(p, s, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -190,6 +186,7 @@ func (s *Server) loadWithRetry(ctx context.Context, timeout time.Duration) ([]by
 		err := s.writeCertsFromKV(ctx)
 		var cfg []byte
 		if err == nil {
+			s.proxy.SetCerts(s.hasCerts())
 			cfg, err = s.proxy.Load(ctx)
 		}
 		if err == nil {
@@ -223,7 +220,8 @@ func (s *Server) loadInBackground(ctx context.Context) {
 			delay = min(delay*2, 30*time.Second)
 			continue
 		}
-		if err := s.proxy.Apply(ctx); err != nil {
+		// Served with the certificates just written from KV: HAProxy loads them again.
+		if err := s.proxy.RefreshCerts(ctx, s.hasCerts()); err != nil {
 			s.log.Error("applying the loaded route table failed", "error", err)
 			continue
 		}
@@ -337,7 +335,7 @@ func (s *Server) PutCert(ctx context.Context, name string, pem []byte) error {
 	if err := writeFileAtomic(path, pem); err != nil {
 		return undo(fmt.Errorf("put certificate %s: %w", name, err))
 	}
-	if err := s.proxy.Apply(ctx); err != nil {
+	if err := s.proxy.RefreshCerts(ctx, s.hasCerts()); err != nil {
 		var ce *haproxy.ConfigError
 		if errors.As(err, &ce) {
 			// The PEM passed Go's checks but HAProxy refuses it: the request is at fault.
@@ -430,89 +428,13 @@ func pemFiles(dir string) ([]string, error) {
 	return out, nil
 }
 
-// certsHAProxy is the HAProxy the controller drives; it makes the config follow the certificates
-// folder, which the renderer, being pure, cannot see:
-//   - while the folder holds no PEM, the https bind is left out (HAProxy refuses `ssl crt` on a
-//     folder without certificates);
-//   - otherwise a last comment line carries a digest of the folder's PEM files, so that a
-//     certificate added or replaced makes a different config and hence a validated reload (HAProxy
-//     reads certificates only when it loads its config; an equal config is not reloaded).
-//
-// TODO: once the controller can be told whether certificates exist and to reload, drop this.
-type certsHAProxy struct {
-	*haproxy.Process
-	dir  string
-	bind string // "\n" + the https bind line + "\n", as Render writes it
-}
-
-func newCertsHAProxy(p *haproxy.Process, s haproxy.Settings) *certsHAProxy {
-	h := &certsHAProxy{Process: p, dir: s.CertsDir}
-	if h.dir == "" {
-		return h
+// hasCerts reports whether the certificates folder holds a certificate HAProxy would load.
+func (s *Server) hasCerts() bool {
+	if s.cfg.CertsDir == "" {
+		return false
 	}
-	s.HasCerts = true
-	with := strings.SplitAfter(string(haproxy.Render(s, nil)), "\n")
-	s.HasCerts = false
-	without := strings.SplitAfter(string(haproxy.Render(s, nil)), "\n")
-	for i, l := range with {
-		if i >= len(without) || l != without[i] {
-			h.bind = "\n" + l
-			break
-		}
-	}
-	return h
-}
-
-// adjust makes cfg, as rendered, the config for the certificates folder as it is now.
-func (h *certsHAProxy) adjust(cfg []byte) []byte {
-	if h.dir == "" || h.bind == "" {
-		return cfg
-	}
-	names, err := pemFiles(h.dir)
-	if err != nil || len(names) == 0 {
-		return bytes.Replace(cfg, []byte(h.bind), []byte("\n"), 1)
-	}
-	sum := sha256.New()
-	for _, n := range names {
-		data, err := os.ReadFile(filepath.Join(h.dir, n))
-		if err != nil {
-			data = []byte(err.Error())
-		}
-		fmt.Fprintf(sum, "%s %d\n", n, len(data))
-		sum.Write(data)
-	}
-	out := make([]byte, 0, len(cfg)+80)
-	out = append(out, cfg...)
-	return fmt.Appendf(out, "# certificates: %d, sha256 %x\n", len(names), sum.Sum(nil))
-}
-
-// apiController is the controller as the API sees it: its config is the one HAProxy is given.
-type apiController struct {
-	*proxy.Proxy
-	hap *certsHAProxy
-}
-
-func (c apiController) Config() []byte { return c.hap.adjust(c.Proxy.Config()) }
-
-func (h *certsHAProxy) Validate(ctx context.Context, cfg []byte) error {
-	return h.Process.Validate(ctx, h.adjust(cfg))
-}
-
-func (h *certsHAProxy) Apply(ctx context.Context, cfg []byte) error {
-	return h.Process.Apply(ctx, h.adjust(cfg))
-}
-
-// UpdateServers passes the adjusted config to the HAProxy's runtime-API path when it has one (the
-// controller compares configs as rendered; HAProxy compares them with the one it serves, adjusted),
-// and reloads otherwise.
-func (h *certsHAProxy) UpdateServers(ctx context.Context, cfg []byte) error {
-	up, ok := any(h.Process).(interface {
-		UpdateServers(ctx context.Context, cfg []byte) error
-	})
-	if !ok {
-		return h.Apply(ctx, cfg)
-	}
-	return up.UpdateServers(ctx, h.adjust(cfg))
+	names, err := pemFiles(s.cfg.CertsDir)
+	return err == nil && len(names) > 0
 }
 
 // raiseFileLimit lifts the soft open-files limit to the hard one: HAProxy derives its maxconn from it.
