@@ -239,11 +239,22 @@ func (p *Proxy) SyncFromKV(ctx context.Context) error {
 	return p.submit(ctx, &change{fromKV: true, observed: true, done: make(chan error, 1)})
 }
 
-// Reload makes HAProxy serve the route table again. With recreate, the table is first rebuilt from
-// KV and every route's instances are read again from the catalog.
+// Reload makes HAProxy load the route table again (and so the files it names, certificates among
+// them). With recreate, the table is first rebuilt from KV and every route's instances are read
+// again from the catalog.
 func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 	if !recreate {
-		return p.Apply(ctx)
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		cfg := p.renderLocked(p.backends)
+		r, ok := p.haproxy.(reloader)
+		if !ok {
+			return p.haproxy.Apply(ctx, cfg)
+		}
+		if err := r.Reload(ctx, cfg); err != nil {
+			return fmt.Errorf("%w: %w", ErrApply, err)
+		}
+		return nil
 	}
 	return p.submit(ctx, &change{fromKV: true, force: true, observed: true, done: make(chan error, 1)})
 }

@@ -37,6 +37,10 @@ func TestReloadRecreateRebuildsFromKVAndTheCatalog(t *testing.T) {
 	if got := backendsReached(t, p.http+"/api/v1/books", 10); len(got) != 2 {
 		t.Fatalf("after reload books-ms reached %v, want both instances", got)
 	}
+	before := reloads(t, p)
+	if code, r := p.call(t, "/v1/docker-flow-proxy/reload"); code != http.StatusOK || reloads(t, p) != before+1 {
+		t.Fatalf("reload without recreate: %d %+v, %d reloads; want one", code, r, reloads(t, p)-before)
+	}
 	if code, r := p.call(t, "/v1/docker-flow-proxy/reload?recreate=maybe"); code != http.StatusBadRequest || !strings.Contains(r.Message, "recreate") {
 		t.Fatalf("reload?recreate=maybe: %d %+v", code, r)
 	}
