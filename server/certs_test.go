@@ -26,8 +26,8 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/api"
 )
 
-// newCert returns a self-signed ECDSA P-256 certificate for dnsName as PEM, its chain and its key
-// apart.
+// newCert returns a self-signed ECDSA P-256 certificate for dnsName (an IP address or a DNS name)
+// as PEM, its chain and its key apart.
 func newCert(t *testing.T, dnsName string) (full, certPEM, keyPEM []byte) {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -36,9 +36,14 @@ func newCert(t *testing.T, dnsName string) (full, certPEM, keyPEM []byte) {
 	}
 	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
 	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: dnsName}, DNSNames: []string{dnsName},
+		SerialNumber: serial, Subject: pkix.Name{CommonName: dnsName},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if ip := net.ParseIP(dnsName); ip != nil {
+		tmpl.IPAddresses = []net.IP{ip}
+	} else {
+		tmpl.DNSNames = []string{dnsName}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
