@@ -29,37 +29,29 @@ type Consul struct {
 // The agent is stopped when the test ends.
 func StartConsul(t testing.TB) *Consul {
 	t.Helper()
-	bin := ConsulBin(t)
-	httpPort := FreePort(t)
-	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
-	c.args = []string{"agent", "-dev", "-bind", "127.0.0.1", "-client", "127.0.0.1",
-		"-node", "test-node", "-log-level", "warn",
-		"-http-port", strconv.Itoa(httpPort),
-		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
-		"-serf-lan-port", strconv.Itoa(FreePort(t)),
-		"-serf-wan-port", strconv.Itoa(FreePort(t)),
-		"-server-port", strconv.Itoa(FreePort(t)),
-	}
-	c.Start()
-	t.Cleanup(c.Stop)
-	return c
+	return startConsul(t, "-dev")
 }
 
 // StartConsulServer starts a single Consul server that keeps its data in a folder, so that it comes
 // back from Stop and Start with its catalog and KV, as a production cluster does.
 func StartConsulServer(t testing.TB) *Consul {
 	t.Helper()
+	return startConsul(t, "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir())
+}
+
+func startConsul(t testing.TB, mode ...string) *Consul {
+	t.Helper()
 	bin := ConsulBin(t)
 	httpPort := FreePort(t)
 	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
-	c.args = []string{"agent", "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir(),
+	c.args = append(append([]string{"agent"}, mode...),
 		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", "test-node", "-log-level", "warn",
 		"-http-port", strconv.Itoa(httpPort),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
 		"-serf-lan-port", strconv.Itoa(FreePort(t)),
 		"-serf-wan-port", strconv.Itoa(FreePort(t)),
 		"-server-port", strconv.Itoa(FreePort(t)),
-	}
+	)
 	c.Start()
 	t.Cleanup(c.Stop)
 	return c
