@@ -25,9 +25,10 @@ const (
 	// that an index that stays put or goes backwards never makes a hot loop.
 	watchMinDelay = 50 * time.Millisecond
 	// A failed read is retried after watchBackoffMin, doubling up to watchBackoffMax; a success
-	// resets it.
+	// resets it. The cap bounds how late the proxy learns of Consul's return (a few watches
+	// retrying every 2 s cost Consul nothing).
 	watchBackoffMin = 250 * time.Millisecond
-	watchBackoffMax = 10 * time.Second
+	watchBackoffMax = 2 * time.Second
 	// updatesBuffer is the capacity of the Updates channel.
 	updatesBuffer = 16
 )
