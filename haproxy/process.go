@@ -8,6 +8,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -71,6 +72,12 @@ type Process struct {
 	bin, dir, cfgPath, sockPath string
 	log                         *slog.Logger
 	reloadTimeout               time.Duration
+
+	// validated is the digest of the last config that passed Validate; the Apply that follows with
+	// the same bytes uses it once instead of running `haproxy -c` again (the controller validates
+	// before it writes KV, then applies).
+	vmu       sync.Mutex
+	validated [sha256.Size]byte
 
 	// life is cancelled by Stop; everything that waits also watches it.
 	life context.Context
@@ -157,7 +164,24 @@ func (p *Process) Validate(ctx context.Context, cfg []byte) error {
 		return fmt.Errorf("haproxy validate: %w", err)
 	}
 	defer os.Remove(tmp)
-	return p.validateFile(ctx, tmp)
+	if err := p.validateFile(ctx, tmp); err != nil {
+		return err
+	}
+	p.vmu.Lock()
+	p.validated = sha256.Sum256(cfg)
+	p.vmu.Unlock()
+	return nil
+}
+
+// justValidated reports whether cfg is the config Validate passed last, and forgets it: files the
+// config names (certificates) may change, so a result serves once.
+func (p *Process) justValidated(cfg []byte) bool {
+	sum := sha256.Sum256(cfg)
+	p.vmu.Lock()
+	defer p.vmu.Unlock()
+	ok := p.validated == sum
+	p.validated = [sha256.Size]byte{}
+	return ok
 }
 
 // Start validates cfg, writes it to Dir/haproxy.cfg and starts HAProxy, returning once a worker
@@ -237,8 +261,10 @@ func (p *Process) apply(ctx context.Context, cfg []byte, force bool) error {
 		return nil
 	}
 
-	if err := p.Validate(ctx, cfg); err != nil {
-		return fmt.Errorf("haproxy apply: %w", err)
+	if force || !p.justValidated(cfg) {
+		if err := p.Validate(ctx, cfg); err != nil {
+			return fmt.Errorf("haproxy apply: %w", err)
+		}
 	}
 
 	for {
