@@ -21,11 +21,7 @@ type CertStore struct {
 // NewCertStore returns the store of the certificates of the proxies named prefix (PROXY_INSTANCE_NAME);
 // an empty prefix is DefaultPrefix. The keys are under <prefix>-certs/.
 func NewCertStore(c *Client, prefix string) *CertStore {
-	prefix = strings.Trim(strings.TrimSpace(prefix), "/")
-	if prefix == "" {
-		prefix = DefaultPrefix
-	}
-	return &CertStore{c: c, prefix: prefix + "-certs"}
+	return &CertStore{c: c, prefix: normalizePrefix(prefix) + "-certs"}
 }
 
 // Prefix is the KV folder of the certificates, without the trailing slash.

@@ -25,11 +25,16 @@ type Store struct {
 // NewStore returns the store of the routes under prefix (PROXY_INSTANCE_NAME); an empty prefix is
 // DefaultPrefix. Leading and trailing slashes are dropped.
 func NewStore(c *Client, prefix string) *Store {
+	return &Store{c: c, prefix: normalizePrefix(prefix)}
+}
+
+// normalizePrefix drops spaces and slashes around a KV prefix; empty is DefaultPrefix.
+func normalizePrefix(prefix string) string {
 	prefix = strings.Trim(strings.TrimSpace(prefix), "/")
 	if prefix == "" {
-		prefix = DefaultPrefix
+		return DefaultPrefix
 	}
-	return &Store{c: c, prefix: prefix}
+	return prefix
 }
 
 // Prefix is the KV prefix of the store's routes.
