@@ -26,9 +26,9 @@ const (
 	watchMinDelay = 50 * time.Millisecond
 	// A failed read is retried after watchBackoffMin, doubling up to watchBackoffMax; a success
 	// resets it. The cap bounds how late the proxy learns of Consul's return (a few watches
-	// retrying every 2 s cost Consul nothing).
+	// retrying every second cost Consul nothing).
 	watchBackoffMin = 250 * time.Millisecond
-	watchBackoffMax = 2 * time.Second
+	watchBackoffMax = time.Second
 	// updatesBuffer is the capacity of the Updates channel.
 	updatesBuffer = 16
 )

@@ -53,7 +53,12 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 		}
 		if err, _ := s.outage.get(); err != nil {
 			s.outage.set(nil, time.Time{})
-			s.log.Info("consul reachable again")
+			s.log.Info("consul reachable again; converging to its state")
+			// Every route and instance read again at once, rather than each watch in its own time.
+			if err := s.proxy.Reload(ctx, true); err != nil {
+				s.log.Error("converging to consul's state failed", "error", err)
+			}
+			watchRouted()
 		}
 		switch {
 		case u.RoutesChanged:
