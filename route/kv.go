@@ -28,6 +28,15 @@ const (
 	KeySetHeader             = "setheader"
 	KeyTimeoutServer         = "timeoutserver"
 	KeyTimeoutTunnel         = "timeouttunnel"
+
+	KeyPort    = "port"
+	KeySrcPort = "srcport"
+	KeyReqMode = "reqmode"
+
+	KeyTemplateFePath       = "templatefepath"
+	KeyTemplateBePath       = "templatebepath"
+	KeyConsulTemplateFePath = "consultemplatefepath"
+	KeyConsulTemplateBePath = "consultemplatebepath"
 )
 
 // optionKeys maps the optional parameters to their KV keys: the parameter's name in lower case.
@@ -46,15 +55,32 @@ var optionKeys = map[string]string{
 	ParamSetHeader:             KeySetHeader,
 	ParamTimeoutServer:         KeyTimeoutServer,
 	ParamTimeoutTunnel:         KeyTimeoutTunnel,
+	ParamPort:                  KeyPort,
+	ParamSrcPort:               KeySrcPort,
+	ParamReqMode:               KeyReqMode,
+}
+
+// templateKeys maps the template parameters to their KV keys; the original product wrote the
+// consulTemplate ones.
+var templateKeys = map[string]string{
+	ParamTemplateFePath:       KeyTemplateFePath,
+	ParamTemplateBePath:       KeyTemplateBePath,
+	ParamConsulTemplateFePath: KeyConsulTemplateFePath,
+	ParamConsulTemplateBePath: KeyConsulTemplateBePath,
 }
 
 // KV returns the route as key/value pairs, one readable key per field, relative to its service folder.
 // Optional fields that are unset are left out.
 func (r Route) KV() map[string]string {
 	kv := map[string]string{
-		KeyPath:      strings.Join(r.ServicePath, ","),
 		KeyPathType:  string(r.PathType),
 		KeySkipCheck: strconv.FormatBool(r.SkipCheck),
+	}
+	if r.hasDest0() {
+		r.Destinations()[0].kv(kv)
+	}
+	for _, d := range r.Dests {
+		d.kv(kv)
 	}
 	set := func(key, v string) {
 		if v != "" {
@@ -72,7 +98,8 @@ func (r Route) KV() map[string]string {
 		}
 	}
 	set(KeyColor, r.ServiceColor)
-	set(KeyDomain, strings.Join(r.ServiceDomain, ","))
+	set(KeyTemplateFePath, r.TemplateFePath)
+	set(KeyTemplateBePath, r.TemplateBePath)
 	setBool(KeyServiceDomainMatchAll, r.ServiceDomainMatchAll)
 	set(KeyACLName, r.ACLName)
 	setBool(KeyHTTPSOnly, r.HTTPSOnly)
@@ -132,6 +159,12 @@ func FromKV(serviceName string, kv map[string]string) (Route, error) {
 	}
 	err := r.parseOptions(func(param string) string { return strings.TrimSpace(kv[optionKeys[param]]) })
 	if err != nil {
+		return Route{}, fmt.Errorf("route %s from KV: %w", serviceName, err)
+	}
+	if err := r.parseTemplates(func(param string) string { return strings.TrimSpace(kv[templateKeys[param]]) }); err != nil {
+		return Route{}, fmt.Errorf("route %s from KV: %w", serviceName, err)
+	}
+	if r.Dests, err = destsFromKV(serviceName, kv); err != nil {
 		return Route{}, fmt.Errorf("route %s from KV: %w", serviceName, err)
 	}
 	if err := r.Validate(); err != nil {

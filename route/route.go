@@ -83,6 +83,20 @@ type Route struct {
 	TimeoutServer int
 	// TimeoutTunnel bounds how long a tunnel (WebSocket, CONNECT) may stay idle.
 	TimeoutTunnel int
+
+	// Destination 0's port, mode and source port (see Dest); ServicePath, ServiceDomain and
+	// PathType above are its paths and hosts.
+	Port    int
+	ReqMode ReqMode
+	SrcPort int
+	// Dests are the indexed destinations (servicePath.1, port.1, ...), in index order.
+	Dests []Dest
+
+	// Custom templates: files in the server's templates folder, in consul-template syntax, rendered
+	// against Consul. TemplateFePath replaces the route's generated frontend lines (its ACLs and
+	// use_backend), TemplateBePath its generated backend section. Paths are relative to the folder.
+	TemplateFePath string
+	TemplateBePath string
 }
 
 // User is a user name and password of HTTP basic auth.
@@ -144,7 +158,10 @@ func (r Route) Equal(o Route) bool {
 		r.ReqPathSearch == o.ReqPathSearch && r.ReqPathReplace == o.ReqPathReplace &&
 		r.OutboundHostname == o.OutboundHostname && r.XForwardedProto == o.XForwardedProto &&
 		slices.Equal(r.AddHeader, o.AddHeader) && slices.Equal(r.SetHeader, o.SetHeader) &&
-		r.TimeoutServer == o.TimeoutServer && r.TimeoutTunnel == o.TimeoutTunnel
+		r.TimeoutServer == o.TimeoutServer && r.TimeoutTunnel == o.TimeoutTunnel &&
+		r.Port == o.Port && r.Mode() == o.Mode() && r.SrcPort == o.SrcPort &&
+		slices.EqualFunc(r.Dests, o.Dests, Dest.equal) &&
+		r.TemplateFePath == o.TemplateFePath && r.TemplateBePath == o.TemplateBePath
 }
 
 // ParamError is a request parameter that cannot be accepted. The API answers it with HTTP 400.
@@ -182,14 +199,12 @@ const (
 	ParamSetHeader             = "setHeader"
 	ParamTimeoutServer         = "timeoutServer"
 	ParamTimeoutTunnel         = "timeoutTunnel"
-)
 
-// Unsupported lists the original product's reconfigure parameters that this version does not
-// implement. A request that sets one is refused rather than served with a different meaning.
-var Unsupported = []string{
-	"reqMode", "srcPort", "port",
-	"templateFePath", "templateBePath", "consulTemplateFePath", "consulTemplateBePath",
-}
+	ParamTemplateFePath       = "templateFePath"
+	ParamTemplateBePath       = "templateBePath"
+	ParamConsulTemplateFePath = "consulTemplateFePath"
+	ParamConsulTemplateBePath = "consulTemplateBePath"
+)
 
 // listParams may be repeated or given as comma lists; scalarParams are given once.
 var (
@@ -198,6 +213,8 @@ var (
 		ParamServiceName, ParamServiceColor, ParamPathType, ParamSkipCheck, ParamServiceDomainMatchAll, ParamACLName,
 		ParamHTTPSOnly, ParamRedirectWhenHTTPProto, ParamUsersPassEncrypted, ParamReqPathSearch, ParamReqPathReplace,
 		ParamOutboundHostname, ParamXForwardedProto, ParamTimeoutServer, ParamTimeoutTunnel,
+		ParamPort, ParamReqMode, ParamSrcPort,
+		ParamTemplateFePath, ParamTemplateBePath, ParamConsulTemplateFePath, ParamConsulTemplateBePath,
 	}
 )
 
@@ -210,16 +227,6 @@ func FromQuery(q url.Values) (Route, error) {
 		// Stored apart from the route (see ServiceCertName); validated here so that a bad PEM is a 400.
 		if err := ValidateCert(ParamServiceCert, []byte(c)); err != nil {
 			return Route{}, err
-		}
-	}
-	for _, p := range Unsupported {
-		if q.Get(p) != "" {
-			return Route{}, paramErr(p, "is not supported by this version of docker-flow-proxy")
-		}
-	}
-	for k := range q {
-		if i := strings.IndexByte(k, '.'); i > 0 && q.Get(k) != "" {
-			return Route{}, paramErr(k, "indexed destinations are not supported by this version of docker-flow-proxy")
 		}
 	}
 	for _, p := range scalarParams {
@@ -244,7 +251,14 @@ func FromQuery(q url.Values) (Route, error) {
 		}
 		r.SkipCheck = b
 	}
-	err := r.parseOptions(func(param string) string {
+	var err error
+	if r.Dests, err = parseIndexed(q); err != nil {
+		return Route{}, err
+	}
+	if err := r.parseTemplates(q.Get); err != nil {
+		return Route{}, err
+	}
+	err = r.parseOptions(func(param string) string {
 		if slices.Contains(listParams, param) {
 			return strings.Join(q[param], ",")
 		}
@@ -284,6 +298,13 @@ func (r *Route) parseOptions(value func(param string) string) error {
 	if r.TimeoutTunnel, err = parseSeconds(ParamTimeoutTunnel, value(ParamTimeoutTunnel)); err != nil {
 		return err
 	}
+	if r.Port, err = parsePort(ParamPort, value(ParamPort)); err != nil {
+		return err
+	}
+	if r.SrcPort, err = parsePort(ParamSrcPort, value(ParamSrcPort)); err != nil {
+		return err
+	}
+	r.ReqMode = ReqMode(value(ParamReqMode))
 	r.ACLName = value(ParamACLName)
 	r.ReqPathSearch = value(ParamReqPathSearch)
 	r.ReqPathReplace = value(ParamReqPathReplace)
@@ -416,33 +437,18 @@ func (r Route) Validate() error {
 	if err := validateName(ParamServiceColor, r.ServiceColor, false); err != nil {
 		return err
 	}
-	if !validPathType(r.PathType) {
-		return paramErr(ParamPathType, "%s is not one of %s", quoteForMessage(string(r.PathType)), joinPathTypes())
+	if err := r.validateDests(); err != nil {
+		return err
 	}
-	if len(r.ServicePath) == 0 {
-		return paramErr(ParamServicePath, "is required")
-	}
-	seen := map[string]bool{}
-	for _, p := range r.ServicePath {
-		if err := validatePath(r.PathType, p); err != nil {
-			return err
-		}
-		if seen[p] {
-			return paramErr(ParamServicePath, "%q is listed twice", p)
-		}
-		seen[p] = true
-	}
-	for _, d := range r.ServiceDomain {
-		if err := validateDomain(ParamServiceDomain, d); err != nil {
-			return err
-		}
+	if err := r.validateTemplates(); err != nil {
+		return err
 	}
 	return r.validateOptions()
 }
 
 // validateOptions checks the optional parameters.
 func (r Route) validateOptions() error {
-	if r.ServiceDomainMatchAll && len(r.ServiceDomain) == 0 {
+	if r.ServiceDomainMatchAll && !r.hasDomain() {
 		return paramErr(ParamServiceDomainMatchAll, "needs %s", ParamServiceDomain)
 	}
 	if r.ACLName != "" {
@@ -669,12 +675,12 @@ func joinPathTypes() string {
 	return strings.Join(s, ", ")
 }
 
-func validatePath(t PathType, p string) error {
+func validatePath(param string, t PathType, p string) error {
 	if p == "" {
-		return paramErr(ParamServicePath, "has an empty path")
+		return paramErr(param, "has an empty path")
 	}
 	if len(p) > MaxPathLength {
-		return paramErr(ParamServicePath, "has a path longer than %d characters", MaxPathLength)
+		return paramErr(param, "has a path longer than %d characters", MaxPathLength)
 	}
 	checked := p
 	if t == PathReg {
@@ -683,26 +689,26 @@ func validatePath(t PathType, p string) error {
 		checked = strings.TrimSuffix(p, "$")
 	}
 	if c, ok := forbiddenChar(checked); ok {
-		return paramErr(ParamServicePath, "%s contains %s, which HAProxy would read as config syntax", quoteForMessage(p), c)
+		return paramErr(param, "%s contains %s, which HAProxy would read as config syntax", quoteForMessage(p), c)
 	}
 	switch t {
 	case PathReg:
 		if !regexPathPattern.MatchString(checked) {
-			return paramErr(ParamServicePath, "%s contains a character that is not allowed in a path pattern", quoteForMessage(p))
+			return paramErr(param, "%s contains a character that is not allowed in a path pattern", quoteForMessage(p))
 		}
 		if _, err := regexp.Compile(p); err != nil {
-			return paramErr(ParamServicePath, "%s is not a valid regular expression: %v", quoteForMessage(p), err)
+			return paramErr(param, "%s is not a valid regular expression: %v", quoteForMessage(p), err)
 		}
 	case PathEnd:
 		if !literalTailPattern.MatchString(p) {
-			return paramErr(ParamServicePath, "%s contains a character that is not allowed in a URL path", quoteForMessage(p))
+			return paramErr(param, "%s contains a character that is not allowed in a URL path", quoteForMessage(p))
 		}
 	default:
 		if !strings.HasPrefix(p, "/") {
-			return paramErr(ParamServicePath, "%s must start with '/'", quoteForMessage(p))
+			return paramErr(param, "%s must start with '/'", quoteForMessage(p))
 		}
 		if !literalPathPattern.MatchString(p) {
-			return paramErr(ParamServicePath, "%s contains a character that is not allowed in a URL path", quoteForMessage(p))
+			return paramErr(param, "%s contains a character that is not allowed in a URL path", quoteForMessage(p))
 		}
 	}
 	return nil

@@ -162,6 +162,12 @@ func everything() Route {
 		AddHeader:       []Header{{"X-A", "one two"}, {"X-A", "three:3"}},
 		SetHeader:       []Header{{"X-Set", "a=b;c"}},
 		TimeoutServer:   30, TimeoutTunnel: 3600,
+		Port:            8080, ReqMode: ModeHTTP,
+		Dests: []Dest{
+			{Index: 1, ServicePath: []string{"/metrics"}, PathType: PathBeg, Port: 9000},
+			{Index: 2, ReqMode: ModeTCP, SrcPort: 6379, Port: 6379, PathType: PathBeg},
+		},
+		TemplateFePath: "fe/demo.tmpl", TemplateBePath: "demo-be.tmpl",
 	}
 }
 
@@ -176,7 +182,10 @@ func TestKVRoundTripOfEveryOption(t *testing.T) {
 		"users": "alice:" + routetest.Hash + ",bob:" + routetest.Hash, "userspassencrypted": "true",
 		"reqpathsearch": `^/demo/(.*)$`, "reqpathreplace": `/%20\1`, "outboundhostname": "internal.example.com",
 		"xforwardedproto": "true", "addheader": "X-A:one two,X-A:three:3", "setheader": "X-Set:a=b;c",
-		"timeoutserver": "30", "timeouttunnel": "3600",
+		"timeoutserver": "30", "timeouttunnel": "3600", "port": "8080",
+		"path.1": "/metrics", "pathtype.1": "path_beg", "port.1": "9000",
+		"srcport.2": "6379", "port.2": "6379", "reqmode.2": "tcp",
+		"templatefepath": "fe/demo.tmpl", "templatebepath": "demo-be.tmpl",
 	}
 	if kv := r.KV(); !reflect.DeepEqual(kv, want) {
 		t.Fatalf("KV layout = %v\nwant %v", kv, want)

@@ -61,9 +61,49 @@ func BadQueries() []BadQuery {
 		{"domain with dollar", "serviceName=books-ms&servicePath=/api&serviceDomain=$X", "serviceDomain"},
 		{"skipCheck not a boolean", "serviceName=books-ms&servicePath=/api&skipCheck=maybe", "skipCheck"},
 		{"service name twice", "serviceName=a&serviceName=b&servicePath=/api", "serviceName"},
-		{"unsupported parameter", "serviceName=books-ms&servicePath=/api&reqMode=tcp", "reqMode"},
-		{"indexed destination", "serviceName=books-ms&servicePath=/api&servicePath.1=/other", "servicePath.1"},
-	}, optionBadQueries()...)
+	}, append(optionBadQueries(), destBadQueries()...)...)
+}
+
+// destBadQueries are bad destinations: request modes, ports, indexed destinations and templates.
+func destBadQueries() []BadQuery {
+	const q = "serviceName=books-ms&"
+	return []BadQuery{
+		{"unknown reqMode", q + "servicePath=/api&reqMode=udp", "reqMode"},
+		{"tcp without srcPort", q + "reqMode=tcp", "srcPort"},
+		{"tcp with a path", q + "reqMode=tcp&srcPort=6379&servicePath=/api", "servicePath"},
+		{"tcp with a domain", q + "reqMode=tcp&srcPort=6379&serviceDomain=a.com", "serviceDomain"},
+		{"sni without a domain", q + "reqMode=sni&srcPort=8443", "serviceDomain"},
+		{"sni without srcPort", q + "reqMode=sni&serviceDomain=a.com", "srcPort"},
+		{"sni with a path", q + "reqMode=sni&srcPort=8443&serviceDomain=a.com&servicePath=/a", "servicePath"},
+		{"srcPort on http", q + "servicePath=/api&srcPort=8080", "srcPort"},
+		{"srcPort zero", q + "reqMode=tcp&srcPort=0", "srcPort"},
+		{"srcPort too large", q + "reqMode=tcp&srcPort=65536", "srcPort"},
+		{"srcPort not a number", q + "reqMode=tcp&srcPort=ssh", "srcPort"},
+		{"srcPort with a newline", q + "reqMode=tcp&srcPort=22%0Abind", "srcPort"},
+		{"port negative", q + "servicePath=/api&port=-1", "port"},
+		{"port with a space", q + "servicePath=/api&port=80%2081", "port"},
+		{"port twice", q + "servicePath=/api&port=80&port=81", "port"},
+		{"port without a destination", q + "port=8080&servicePath.1=/a", "servicePath"},
+		{"indexed path with a space", q + "servicePath=/api&servicePath.1=/a%20b", "servicePath.1"},
+		{"indexed path empty", q + "servicePath=/api&servicePath.1=&port.1=9000", "servicePath.1"},
+		{"indexed pathType bad", q + "servicePath=/api&servicePath.1=/a&pathType.1=url", "pathType.1"},
+		{"indexed domain bad", q + "servicePath=/api&servicePath.1=/a&serviceDomain.1=a%23b", "serviceDomain.1"},
+		{"index zero", q + "servicePath=/api&servicePath.0=/a", "servicePath.0"},
+		{"index too large", q + "servicePath=/api&servicePath.21=/a", "servicePath.21"},
+		{"index not a number", q + "servicePath=/api&servicePath.x=/a", "servicePath.x"},
+		{"index with a leading zero", q + "servicePath=/api&servicePath.01=/a", "servicePath.01"},
+		{"not an indexed parameter", q + "servicePath=/api&users.1=a:b", "users.1"},
+		{"indexed srcPort clash", q + "reqMode=tcp&srcPort=6379&reqMode.1=tcp&srcPort.1=6379", "srcPort.1"},
+		{"indexed tcp without srcPort", q + "servicePath=/api&reqMode.1=tcp&port.1=6379", "srcPort.1"},
+		{"indexed port bad", q + "servicePath=/api&servicePath.1=/a&port.1=http", "port.1"},
+		{"template absolute", q + "servicePath=/api&templateFePath=/etc/passwd", "templateFePath"},
+		{"template dot dot", q + "servicePath=/api&templateBePath=../secret.tmpl", "templateBePath"},
+		{"template inner dot dot", q + "servicePath=/api&templateBePath=a/../../b", "templateBePath"},
+		{"template with a newline", q + "servicePath=/api&templateFePath=a%0Ab", "templateFePath"},
+		{"template with a space", q + "servicePath=/api&templateFePath=a%20b", "templateFePath"},
+		{"template aliases disagree", q + "servicePath=/api&templateFePath=a.tmpl&consulTemplateFePath=b.tmpl", "consulTemplateFePath"},
+		{"consul template absolute", q + "servicePath=/api&consulTemplateBePath=/tmp/x", "consulTemplateBePath"},
+	}
 }
 
 // optionBadQueries are bad values of the optional parameters, each on an otherwise good request.
