@@ -69,10 +69,28 @@ type Response struct {
 	OutboundHostname      string   `json:",omitempty"`
 	TimeoutServer         int      `json:",omitempty"`
 	TimeoutTunnel         int      `json:",omitempty"`
+	ReqMode               string   `json:",omitempty"`
+	Port                  int      `json:",omitempty"`
+	SrcPort               int      `json:",omitempty"`
+	TemplateFePath        string   `json:",omitempty"`
+	TemplateBePath        string   `json:",omitempty"`
+	// Destinations lists the indexed destinations (servicePath.1, port.1, ...).
+	Destinations []Destination `json:",omitempty"`
 	// Users names the users allowed, without their passwords.
 	Users []string `json:",omitempty"`
 	// Instances is how many instances the route balances over (reconfigure only).
 	Instances int `json:",omitempty"`
+}
+
+// Destination is an indexed destination in a Response.
+type Destination struct {
+	Index         int
+	ServicePath   []string `json:",omitempty"`
+	ServiceDomain []string `json:",omitempty"`
+	PathType      string   `json:",omitempty"`
+	ReqMode       string   `json:",omitempty"`
+	Port          int      `json:",omitempty"`
+	SrcPort       int      `json:",omitempty"`
 }
 
 // Status values of Response.
@@ -317,7 +335,17 @@ func fromRoute(r route.Route) Response {
 		ServiceDomainMatchAll: r.ServiceDomainMatchAll, AclName: r.ACLName,
 		ReqPathSearch: r.ReqPathSearch, ReqPathReplace: r.ReqPathReplace,
 		HttpsOnly: r.HTTPSOnly, RedirectWhenHttpProto: r.RedirectWhenHTTPProto, XForwardedProto: r.XForwardedProto,
-		OutboundHostname: r.OutboundHostname, TimeoutServer: r.TimeoutServer, TimeoutTunnel: r.TimeoutTunnel}
+		OutboundHostname: r.OutboundHostname, TimeoutServer: r.TimeoutServer, TimeoutTunnel: r.TimeoutTunnel,
+		ReqMode: string(r.ReqMode), Port: r.Port, SrcPort: r.SrcPort,
+		TemplateFePath: r.TemplateFePath, TemplateBePath: r.TemplateBePath}
+	for _, d := range r.Dests {
+		dest := Destination{Index: d.Index, ServicePath: d.ServicePath, ServiceDomain: d.ServiceDomain,
+			ReqMode: string(d.ReqMode), Port: d.Port, SrcPort: d.SrcPort}
+		if d.Mode() == route.ModeHTTP {
+			dest.PathType = string(d.PathType)
+		}
+		resp.Destinations = append(resp.Destinations, dest)
+	}
 	for _, h := range r.AddHeader {
 		resp.AddHeader = append(resp.AddHeader, h.Name+":"+h.Value)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -27,6 +28,9 @@ func FuzzReconfigureQuery(f *testing.F) {
 		"serviceName=go-demo&serviceColor=blue&servicePath=/demo,/other&serviceDomain=a.example.com&pathType=path_dir&skipCheck=true",
 		"serviceName=r&servicePath=" + url.QueryEscape("^/v[0-9]+/items$") + "&pathType=path_reg",
 		"serviceName=e&servicePath=.json&pathType=path_end",
+		"serviceName=books-ms&servicePath=/api&port=8080&servicePath.1=/admin&port.1=9000&reqMode.2=tcp&srcPort.2=6379",
+		"serviceName=tls&reqMode=sni&srcPort=9443&serviceDomain=a.test,b.test&serviceDomainMatchAll=true",
+		"serviceName=t&templateFePath=fe.tmpl&templateBePath=be.tmpl&servicePath=/t",
 	}
 	for _, bq := range routetest.BadQueries() {
 		seeds = append(seeds, bq.Query)
@@ -53,7 +57,15 @@ func FuzzReconfigureQuery(f *testing.F) {
 			}
 			return
 		}
-		cfg := Render(s, []route.Backend{{Route: r, Instances: []route.Instance{{Address: "127.0.0.1", Port: 9000}}}})
+		bs := []route.Backend{{Route: r, Instances: []route.Instance{{Address: "127.0.0.1", Port: 9000}}}}
+		if err := CheckPorts(s, bs); err != nil {
+			var pe *route.ParamError
+			if !errors.As(err, &pe) {
+				t.Fatalf("CheckPorts(%q) failed without naming a parameter: %v", raw, err)
+			}
+			return
+		}
+		cfg := Render(s, bs)
 		if err := shapeError(string(cfg)); err != nil {
 			t.Fatalf("query %q: %v\n%s", raw, err, cfg)
 		}
@@ -74,10 +86,15 @@ func FuzzReconfigureQuery(f *testing.F) {
 var allowed = map[string][]string{
 	"global":   {"stats", "hard-stop-after"},
 	"defaults": {"mode", "option", "timeout", "default-server"},
-	"frontend": {"bind", "acl", "use_backend", "http-request", "stats"},
-	"backend":  {"balance", "server", "http-request", "timeout"},
+	"frontend": {"bind", "acl", "use_backend", "http-request", "stats", "mode", "option", "tcp-request", "default_backend"},
+	"backend":  {"balance", "server", "http-request", "timeout", "mode"},
 	"userlist": {"user"},
 }
+
+var (
+	tcpFrontend      = regexp.MustCompile(`^frontend tcp_[0-9]+$`)
+	backendNameShape = regexp.MustCompile(`-be(-[0-9]+|-(tcp|sni)-[0-9]+)?$`)
+)
 
 // shapeError says which line of a config the renderer could not have written.
 func shapeError(cfg string) error {
@@ -100,8 +117,8 @@ func shapeError(cfg string) error {
 				return fail(line, "starts a section the renderer never writes")
 			}
 			if (section == "global" || section == "defaults") && len(fields) != 1 ||
-				section == "frontend" && line != "frontend services" && line != "frontend stats" ||
-				section == "backend" && (len(fields) != 2 || !strings.HasSuffix(fields[1], "-be")) {
+				section == "frontend" && line != "frontend services" && line != "frontend stats" && !tcpFrontend.MatchString(line) ||
+				section == "backend" && (len(fields) != 2 || !backendNameShape.MatchString(fields[1])) {
 				return fail(line, "is not a section header of the renderer's")
 			}
 			continue

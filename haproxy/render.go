@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -53,9 +54,7 @@ func DefaultSettings() Settings {
 // gives the same bytes, whatever the order of backends and instances. Every route must have passed
 // route.Validate; instance addresses must be IPs or host names (the catalog client checks them).
 func Render(s Settings, backends []route.Backend) []byte {
-	bs := make([]route.Backend, len(backends))
-	copy(bs, backends)
-	sort.Slice(bs, func(i, j int) bool { return bs[i].Route.ServiceName < bs[j].Route.ServiceName })
+	bs := sortedBackends(backends)
 
 	var b bytes.Buffer
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...); b.WriteByte('\n') }
@@ -103,35 +102,210 @@ func Render(s Settings, backends []route.Backend) []byte {
 		w("    bind %s ssl crt %s", bindAddr(s.BindAddress, s.HTTPSPort), s.CertsDir)
 	}
 	for _, be := range bs {
-		writeACLs(w, be.Route)
-	}
-	for _, be := range routingOrder(bs) {
-		r := be.Route
-		cond := "url_" + aclID(r)
-		if len(r.ServiceDomain) > 0 {
-			cond += " domain_" + aclID(r)
+		if be.FrontendSnippet != "" {
+			continue // the route's template stands for its ACLs and use_backend lines
 		}
-		w("    use_backend %s if %s", r.BackendName(), cond)
+		for _, d := range be.Route.Destinations() {
+			if d.Mode() == route.ModeHTTP {
+				writeACLs(w, be.Route, d)
+			}
+		}
 	}
+	for _, rd := range routingOrder(bs) {
+		if rd.be.FrontendSnippet != "" {
+			writeSnippet(w, rd.be.FrontendSnippet, "    ")
+			continue
+		}
+		r, d := rd.be.Route, rd.dest
+		cond := "url_" + aclID(r, d)
+		if len(d.ServiceDomain) > 0 {
+			cond += " domain_" + aclID(r, d)
+		}
+		w("    use_backend %s if %s", backendName(r, d), cond)
+	}
+	writeTCPFrontends(w, s, bs)
 	for _, be := range bs {
 		users := usersOf(s, be.Route)
 		if len(users) > 0 {
 			w("")
 			writeUserlist(w, be.Route, users)
 		}
-		w("")
-		writeBackend(w, be, len(users) > 0)
+		written := map[string]bool{}
+		for _, d := range be.Route.Destinations() {
+			name := backendName(be.Route, d)
+			if written[name] {
+				continue
+			}
+			written[name] = true
+			w("")
+			if name == be.Route.BackendName() && be.BackendSnippet != "" {
+				writeSnippet(w, be.BackendSnippet, "")
+				continue
+			}
+			writeBackend(w, be, d, len(users) > 0)
+		}
 	}
 	return b.Bytes()
 }
 
+// writeSnippet writes a rendered custom template, line by line, without the blank lines at its ends.
+func writeSnippet(w func(string, ...any), snippet, indent string) {
+	for _, line := range strings.Split(strings.Trim(snippet, "\n"), "\n") {
+		line = strings.TrimRight(line, " \t\r")
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		if indent != "" {
+			line = indent + strings.TrimLeft(line, " \t")
+		}
+		w("%s", line)
+	}
+}
+
+// backendName names the HAProxy backend of a destination: <service>-be for HTTP destinations of the
+// service itself, <service>-be-<port> for HTTP destinations of one of its ports, and
+// <service>-be-<mode>-<index> for TCP and SNI destinations.
+func backendName(r route.Route, d route.Dest) string {
+	switch {
+	case d.Mode() != route.ModeHTTP:
+		return r.BackendName() + "-" + string(d.Mode()) + "-" + strconv.Itoa(d.Index)
+	case d.Port != 0:
+		return r.BackendName() + "-" + strconv.Itoa(d.Port)
+	}
+	return r.BackendName()
+}
+
+// tcpDest is a TCP or SNI destination with its route, for the frontend of its source port.
+type tcpDest struct {
+	be   route.Backend
+	dest route.Dest
+}
+
+// TCPPorts returns the TCP and SNI destinations by source port, routes in name order.
+func tcpPorts(bs []route.Backend) (ports []int, dests map[int][]tcpDest) {
+	dests = map[int][]tcpDest{}
+	for _, be := range bs {
+		for _, d := range be.Route.Destinations() {
+			if d.Mode() == route.ModeHTTP {
+				continue
+			}
+			if _, ok := dests[d.SrcPort]; !ok {
+				ports = append(ports, d.SrcPort)
+			}
+			dests[d.SrcPort] = append(dests[d.SrcPort], tcpDest{be, d})
+		}
+	}
+	sort.Ints(ports)
+	return ports, dests
+}
+
+// CheckPorts reports a TCP or SNI destination whose source port HAProxy cannot give it: a port the
+// proxy serves HTTP, HTTPS or stats on, a TCP port that another destination takes too, or an SNI port
+// shared with a TCP destination. Two SNI destinations may share a port when their names differ. The
+// error is a *route.ParamError naming the later destination's srcPort.
+func CheckPorts(s Settings, backends []route.Backend) error {
+	bs := sortedBackends(backends)
+	reserved := map[int]string{s.HTTPPort: "the proxy's HTTP port", s.HTTPSPort: "the proxy's HTTPS port"}
+	if s.StatsPort > 0 {
+		reserved[s.StatsPort] = "the proxy's stats port"
+	}
+	ports, dests := tcpPorts(bs)
+	for _, p := range ports {
+		list := dests[p]
+		for i, td := range list {
+			param := route.ParamSrcPort
+			if td.dest.Index > 0 {
+				param += "." + strconv.Itoa(td.dest.Index)
+			}
+			if what, ok := reserved[p]; ok && p != 0 {
+				return &route.ParamError{Param: param, Reason: fmt.Sprintf("%d is %s", p, what)}
+			}
+			if i == 0 {
+				continue
+			}
+			first := list[0]
+			if td.dest.Mode() == route.ModeTCP || first.dest.Mode() == route.ModeTCP {
+				return &route.ParamError{Param: param, Reason: fmt.Sprintf("port %d is taken by service %s (reqMode %s)",
+					p, first.be.Route.ServiceName, first.dest.Mode())}
+			}
+			for _, other := range list[:i] {
+				for _, name := range td.dest.ServiceDomain {
+					if slices.Contains(other.dest.ServiceDomain, name) {
+						return &route.ParamError{Param: param, Reason: fmt.Sprintf("name %s on port %d is taken by service %s",
+							name, p, other.be.Route.ServiceName)}
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// writeTCPFrontends writes one frontend per source port of the TCP and SNI destinations. A TCP port
+// passes every connection to its one destination; an SNI port reads the TLS hello (it does not
+// decrypt) and passes the connection to the destination that lists the name the client asks for.
+func writeTCPFrontends(w func(string, ...any), s Settings, bs []route.Backend) {
+	ports, dests := tcpPorts(bs)
+	for _, p := range ports {
+		list := dests[p]
+		w("")
+		w("frontend tcp_%d", p)
+		w("    mode tcp")
+		w("    option tcplog")
+		w("    bind %s", bindAddr(s.BindAddress, p))
+		first := list[0]
+		if first.dest.Mode() == route.ModeTCP {
+			w("    default_backend %s", backendName(first.be.Route, first.dest))
+			continue
+		}
+		w("    tcp-request inspect-delay 5s")
+		w("    tcp-request content accept if { req.ssl_hello_type 1 }")
+		for _, td := range list {
+			if td.dest.Mode() != route.ModeSNI {
+				continue // CheckPorts refuses a TCP destination on an SNI port
+			}
+			r, d := td.be.Route, td.dest
+			id := "sni_" + aclID(r, d)
+			for _, chunk := range chunks(d.ServiceDomain, maxPatternsPerLine) {
+				w("    acl %s req.ssl_sni -i -- %s", id, strings.Join(chunk, " "))
+			}
+			if r.ServiceDomainMatchAll {
+				for _, chunk := range chunks(dotted(d.ServiceDomain), maxPatternsPerLine) {
+					w("    acl %s req.ssl_sni -i -m end -- %s", id, strings.Join(chunk, " "))
+				}
+			}
+			w("    use_backend %s if %s", backendName(r, d), id)
+		}
+	}
+}
+
+func dotted(domains []string) []string {
+	out := make([]string, len(domains))
+	for i, d := range domains {
+		out[i] = "." + d
+	}
+	return out
+}
+
+func sortedBackends(backends []route.Backend) []route.Backend {
+	bs := make([]route.Backend, len(backends))
+	copy(bs, backends)
+	sort.Slice(bs, func(i, j int) bool { return bs[i].Route.ServiceName < bs[j].Route.ServiceName })
+	return bs
+}
+
 // aclID names a route's ACLs: the service name, and the aclName after a ':' (a character no
 // service name has, so two routes never share an ACL).
-func aclID(r route.Route) string {
+// Destinations after the first add their index after a '.'.
+func aclID(r route.Route, d route.Dest) string {
+	id := r.ServiceName
 	if r.ACLName != "" {
-		return r.ServiceName + ":" + r.ACLName
+		id += ":" + r.ACLName
 	}
-	return r.ServiceName
+	if d.Index > 0 {
+		id += "." + strconv.Itoa(d.Index)
+	}
+	return id
 }
 
 // usersOf returns the users who may use a route: its own, or else the server-wide ones.
@@ -160,77 +334,109 @@ func writeUserlist(w func(string, ...any), r route.Route, users []route.User) {
 // maxPatternsPerLine keeps each acl line far below HAProxy's 64 words per line.
 const maxPatternsPerLine = 32
 
-func writeACLs(w func(string, ...any), r route.Route) {
+func writeACLs(w func(string, ...any), r route.Route, d route.Dest) {
 	// Lines with the same ACL name are ORed. "--" ends the flags: a pattern cannot be read as one.
-	paths := r.ServicePath
-	if r.PathType == route.PathReg {
+	id := aclID(r, d)
+	paths := d.ServicePath
+	if d.PathType == route.PathReg {
 		// Regexes may end with '$'; single quotes keep HAProxy from reading it.
-		paths = make([]string, len(r.ServicePath))
-		for i, p := range r.ServicePath {
+		paths = make([]string, len(d.ServicePath))
+		for i, p := range d.ServicePath {
 			paths[i] = "'" + p + "'"
 		}
 	}
 	for _, chunk := range chunks(paths, maxPatternsPerLine) {
-		w("    acl url_%s %s -- %s", aclID(r), r.PathType, strings.Join(chunk, " "))
+		w("    acl url_%s %s -- %s", id, d.PathType, strings.Join(chunk, " "))
 	}
 	// The Host header without its port, matched exactly and case-insensitively; with
 	// ServiceDomainMatchAll also every name that ends with "."+domain.
-	for _, chunk := range chunks(r.ServiceDomain, maxPatternsPerLine) {
-		w("    acl domain_%s req.hdr(host),field(1,:) -i -- %s", aclID(r), strings.Join(chunk, " "))
+	for _, chunk := range chunks(d.ServiceDomain, maxPatternsPerLine) {
+		w("    acl domain_%s req.hdr(host),field(1,:) -i -- %s", id, strings.Join(chunk, " "))
 	}
 	if r.ServiceDomainMatchAll {
-		subs := make([]string, len(r.ServiceDomain))
-		for i, d := range r.ServiceDomain {
-			subs[i] = "." + d
-		}
-		for _, chunk := range chunks(subs, maxPatternsPerLine) {
-			w("    acl domain_%s req.hdr(host),field(1,:) -i -m end -- %s", aclID(r), strings.Join(chunk, " "))
+		for _, chunk := range chunks(dotted(d.ServiceDomain), maxPatternsPerLine) {
+			w("    acl domain_%s req.hdr(host),field(1,:) -i -m end -- %s", id, strings.Join(chunk, " "))
 		}
 	}
 }
 
-// routingOrder puts the routes in the order HAProxy tries them (it uses the first use_backend that
-// matches): routes with an aclName first, in aclName order; then the most specific: routes
-// restricted to domains before the others, then longer paths before shorter ones (so /api does
-// not shadow /api/v1/books); then by name.
-func routingOrder(bs []route.Backend) []route.Backend {
-	out := make([]route.Backend, len(bs))
-	copy(out, bs)
-	longest := func(r route.Route) int {
+// routedDest is an HTTP destination of a route, in the frontend's routing order.
+type routedDest struct {
+	be   route.Backend
+	dest route.Dest
+}
+
+// routingOrder puts the HTTP destinations in the order HAProxy tries them (it uses the first
+// use_backend that matches): routes with an aclName first, in aclName order; then the most specific:
+// destinations restricted to domains before the others, then longer paths before shorter ones (so
+// /api does not shadow /api/v1/books); then by name and index. A route with a frontend template
+// comes once, where its first destination would.
+func routingOrder(bs []route.Backend) []routedDest {
+	var out []routedDest
+	for _, be := range bs {
+		for _, d := range be.Route.Destinations() {
+			if d.Mode() == route.ModeHTTP {
+				out = append(out, routedDest{be, d})
+			}
+		}
+	}
+	longest := func(d route.Dest) int {
 		n := 0
-		for _, p := range r.ServicePath {
+		for _, p := range d.ServicePath {
 			n = max(n, len(p))
 		}
 		return n
 	}
 	sort.SliceStable(out, func(i, j int) bool {
-		a, b := out[i].Route, out[j].Route
+		a, b := out[i].be.Route, out[j].be.Route
+		da, db := out[i].dest, out[j].dest
 		if (a.ACLName != "") != (b.ACLName != "") {
 			return a.ACLName != ""
 		}
 		if a.ACLName != b.ACLName {
 			return a.ACLName < b.ACLName
 		}
-		if da, db := len(a.ServiceDomain) > 0, len(b.ServiceDomain) > 0; da != db {
-			return da
+		if ha, hb := len(da.ServiceDomain) > 0, len(db.ServiceDomain) > 0; ha != hb {
+			return ha
 		}
-		if la, lb := longest(a), longest(b); la != lb {
+		if la, lb := longest(da), longest(db); la != lb {
 			return la > lb
 		}
-		return a.ServiceName < b.ServiceName
+		if a.ServiceName != b.ServiceName {
+			return a.ServiceName < b.ServiceName
+		}
+		return da.Index < db.Index
 	})
-	return out
+	seen := map[string]bool{}
+	kept := out[:0]
+	for _, rd := range out {
+		if rd.be.FrontendSnippet != "" {
+			if seen[rd.be.Route.ServiceName] {
+				continue
+			}
+			seen[rd.be.Route.ServiceName] = true
+		}
+		kept = append(kept, rd)
+	}
+	return kept
 }
 
-func writeBackend(w func(string, ...any), be route.Backend, auth bool) {
+func writeBackend(w func(string, ...any), be route.Backend, d route.Dest, auth bool) {
 	r := be.Route
-	w("backend %s", r.BackendName())
+	w("backend %s", backendName(r, d))
+	if d.Mode() != route.ModeHTTP {
+		w("    mode tcp")
+	}
 	w("    balance roundrobin")
 	if r.TimeoutServer > 0 {
 		w("    timeout server %ds", r.TimeoutServer)
 	}
 	if r.TimeoutTunnel > 0 {
 		w("    timeout tunnel %ds", r.TimeoutTunnel)
+	}
+	if d.Mode() != route.ModeHTTP {
+		writeServers(w, r, be.InstancesFor(d))
+		return
 	}
 	// Redirects first: credentials are asked for only over https. Behind a TLS-terminating load
 	// balancer every connection is plain, so X-Forwarded-Proto decides instead of the connection.
@@ -261,11 +467,15 @@ func writeBackend(w func(string, ...any), be route.Backend, auth bool) {
 		regex, format := pathRewrite(r.ReqPathSearch, r.ReqPathReplace)
 		w("    http-request replace-path '%s' '%s'", regex, format)
 	}
+	writeServers(w, r, be.InstancesFor(d))
+}
+
+func writeServers(w func(string, ...any), r route.Route, instances []route.Instance) {
 	check := " check"
 	if r.SkipCheck {
 		check = ""
 	}
-	for _, inst := range SortedInstances(be.Instances) {
+	for _, inst := range SortedInstances(instances) {
 		w("    server %s %s%s", ServerName(inst), inst.HostPort(), check)
 	}
 }

@@ -2,6 +2,7 @@ package haproxy
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"os"
 	"path/filepath"
@@ -80,7 +81,31 @@ func renderCases() map[string][]route.Backend {
 				Instances: []route.Instance{{Address: "::1", Port: 8080}, {Address: "backend.internal", Port: 80}}},
 			{Route: route.Route{ServiceName: "no-instances", ServicePath: []string{`^/v[0-9]+/items$`}, PathType: route.PathReg}},
 		},
-		"stats":      {{Route: books, Instances: three}},
+		"stats": {{Route: books, Instances: three}},
+		// One service with several destinations: its own HTTP path, a path to another of its
+		// ports, a TCP port and two SNI names sharing a port with another service's.
+		"destinations": {
+			{Route: route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg,
+				Dests: []route.Dest{
+					{Index: 1, ServicePath: []string{"/admin"}, PathType: route.PathBeg, Port: 9000},
+					{Index: 2, ReqMode: route.ModeTCP, SrcPort: 6379, Port: 6379, PathType: route.PathBeg},
+				}},
+				Instances:     three,
+				PortInstances: map[int][]route.Instance{9000: {{Address: "10.0.0.1", Port: 32800}}, 6379: {{Address: "10.0.0.1", Port: 32801}}}},
+			{Route: route.Route{ServiceName: "tls-a", ReqMode: route.ModeSNI, SrcPort: 8443, PathType: route.PathBeg,
+				ServiceDomain: []string{"a.example.com"}, ServiceDomainMatchAll: true}, Instances: local},
+			{Route: route.Route{ServiceName: "tls-b", ReqMode: route.ModeSNI, SrcPort: 8443, PathType: route.PathBeg,
+				ServiceDomain: []string{"b.example.com"}, TimeoutTunnel: 600}, Instances: []route.Instance{{Address: "127.0.0.1", Port: 9001}}},
+		},
+		// Custom templates, rendered: they stand for the route's frontend lines and its backend.
+		"templates": {
+			{Route: books, Instances: three},
+			{Route: route.Route{ServiceName: "custom", ServicePath: []string{"/custom"}, PathType: route.PathBeg,
+				TemplateFePath: "custom-fe.tmpl", TemplateBePath: "custom-be.tmpl"},
+				Instances:       local,
+				FrontendSnippet: "\n    acl url_custom path_beg /custom\n\n    use_backend custom-be if url_custom\n",
+				BackendSnippet:  "backend custom-be\n    balance leastconn\n\n    server one 127.0.0.1:9000 check\n"},
+		},
 		"many-paths": {{Route: route.Route{ServiceName: "wide", ServicePath: many, PathType: route.Path}}},
 	}
 }
@@ -144,6 +169,43 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 			t.Errorf("%s: haproxy -c rejects the rendered config: %v", name, err)
 		}
 		cancel()
+	}
+}
+
+func TestCheckPortsRefusesClashes(t *testing.T) {
+	s := testSettings()
+	s.HTTPSPort, s.StatsPort = 8443, 9100
+	tcp := func(name string, port int) route.Backend {
+		return route.Backend{Route: route.Route{ServiceName: name, ReqMode: route.ModeTCP, SrcPort: port}}
+	}
+	sni := func(name string, port int, domains ...string) route.Backend {
+		return route.Backend{Route: route.Route{ServiceName: name, ReqMode: route.ModeSNI, SrcPort: port, ServiceDomain: domains}}
+	}
+	indexed := route.Backend{Route: route.Route{ServiceName: "z", ServicePath: []string{"/z"}, PathType: route.PathBeg,
+		Dests: []route.Dest{{Index: 3, ReqMode: route.ModeTCP, SrcPort: 6379}}}}
+	for _, tc := range []struct {
+		name     string
+		backends []route.Backend
+		param    string // "" when the ports are fine
+	}{
+		{"distinct ports", []route.Backend{tcp("a", 6379), tcp("b", 6380), sni("c", 9443, "c.test")}, ""},
+		{"two SNI names on one port", []route.Backend{sni("a", 9443, "a.test"), sni("b", 9443, "b.test")}, ""},
+		{"the HTTP port", []route.Backend{tcp("a", s.HTTPPort)}, "srcPort"},
+		{"the HTTPS port", []route.Backend{sni("a", 8443, "a.test")}, "srcPort"},
+		{"the stats port", []route.Backend{tcp("a", 9100)}, "srcPort"},
+		{"two TCP routes on one port", []route.Backend{tcp("a", 6379), tcp("b", 6379)}, "srcPort"},
+		{"TCP and SNI on one port", []route.Backend{sni("a", 6379, "a.test"), tcp("b", 6379)}, "srcPort"},
+		{"one SNI name twice", []route.Backend{sni("a", 9443, "a.test"), sni("b", 9443, "x.test", "a.test")}, "srcPort"},
+		{"an indexed destination", []route.Backend{tcp("a", 6379), indexed}, "srcPort.3"},
+	} {
+		err := CheckPorts(s, tc.backends)
+		var pe *route.ParamError
+		switch {
+		case tc.param == "" && err != nil:
+			t.Errorf("%s: CheckPorts = %v, want nil", tc.name, err)
+		case tc.param != "" && (!errors.As(err, &pe) || pe.Param != tc.param):
+			t.Errorf("%s: CheckPorts = %v, want a ParamError naming %s", tc.name, err, tc.param)
+		}
 	}
 }
 

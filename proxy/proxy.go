@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -56,6 +57,8 @@ type Proxy struct {
 	settings haproxy.Settings
 	log      *slog.Logger
 
+	templates Templates // nil: routes that name a template are refused
+
 	mu       sync.Mutex               // held while a batch of changes is applied
 	backends map[string]route.Backend // what HAProxy serves now
 
@@ -84,11 +87,16 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	}
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
-		inst, err := p.catalog.Instances(ctx, r.ConsulService())
-		if err != nil {
-			return nil, fmt.Errorf("load instances of %s: %w: %w", r.ConsulService(), ErrConsul, err)
+		be, err := p.backendOf(ctx, r)
+		var pe *route.ParamError
+		if errors.As(err, &pe) {
+			p.log.Warn("skipping a route whose templates do not render", "service", r.ServiceName, "error", err)
+			continue
 		}
-		backends[r.ServiceName] = route.Backend{Route: r, Instances: inst}
+		if err != nil {
+			return nil, fmt.Errorf("load route %s: %w", r.ServiceName, err)
+		}
+		backends[r.ServiceName] = be
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -136,9 +144,10 @@ func (p *Proxy) Reconfigure(ctx context.Context, r route.Route) ([]route.Instanc
 	if err := p.submit(ctx, c); err != nil {
 		return nil, err
 	}
-	p.log.Info("route configured", "service", r.ServiceName, "consul_service", r.ConsulService(),
-		"paths", r.ServicePath, "domains", r.ServiceDomain, "instances", len(c.instances))
-	return c.instances, nil
+	p.log.Info("route configured", "service", r.ServiceName, "consul_services", r.ConsulServices(),
+		"paths", r.ServicePath, "domains", r.ServiceDomain, "destinations", len(r.Destinations()),
+		"instances", c.backend.InstanceCount())
+	return c.backend.Instances, nil
 }
 
 // Remove deletes a route from HAProxy and KV. It reports whether the route was served.
@@ -162,17 +171,21 @@ type change struct {
 	done    chan error
 	// observed changes come from Consul: they are applied to HAProxy and never written back.
 	observed bool
-	// instancesOnly replaces the instances of a served route (c.instances), if it is served.
+	// instancesOnly replaces the instances of one Consul service of a served route
+	// (consulService, c.instances), if it is served.
 	instancesOnly bool
+	consulService string
 	// fromKV brings the served table to KV's (force: re-reading every route's instances); it is
 	// expanded into subs when its batch is applied.
 	fromKV, force bool
 	subs          []*change
 
-	// Filled in while the change is applied.
 	instances []route.Instance
-	existed   bool
-	old       route.Backend
+
+	// Filled in while the change is applied: the route with its instances and templates.
+	backend route.Backend
+	existed bool
+	old     route.Backend
 }
 
 // submit queues a change and applies it. Changes that arrive while a reload runs are applied
@@ -220,9 +233,9 @@ func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst []route.Instance) error {
 	var cs []*change
 	for _, b := range p.Routes() {
-		if b.Route.ConsulService() == consulService {
+		if slices.Contains(b.Route.ConsulServices(), consulService) {
 			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
-				instances: inst, done: make(chan error, 1)})
+				consulService: consulService, instances: inst, done: make(chan error, 1)})
 		}
 	}
 	if len(cs) == 0 {
@@ -316,12 +329,12 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	var ready []*change
 	for _, c := range batch {
 		if c.route != nil && !c.instancesOnly {
-			inst, err := p.catalog.Instances(ctx, c.route.ConsulService())
+			be, err := p.backendOf(ctx, *c.route)
 			if err != nil {
-				c.done <- fmt.Errorf("read instances of %s: %w: %w", c.route.ConsulService(), ErrConsul, err)
+				c.done <- err
 				continue
 			}
-			c.instances = inst
+			c.backend = be
 		}
 		ready = append(ready, c)
 	}
@@ -329,6 +342,17 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		return
 	}
 	next := p.nextLocked(ready)
+	if err := p.checkPortsLocked(next); err != nil {
+		if len(ready) > 1 {
+			for _, c := range ready {
+				p.commitLocked(ctx, []*change{c})
+			}
+			return
+		}
+		ready[0].done <- err
+		return
+	}
+	p.refreshTemplatesLocked(ctx, ready, next)
 	cfg := p.renderLocked(next)
 	if err := p.haproxy.Validate(ctx, cfg); err != nil {
 		if len(ready) > 1 {
@@ -481,14 +505,16 @@ func (p *Proxy) nextLocked(changes []*change) map[string]route.Backend {
 		c.old, c.existed = next[c.service]
 		if c.instancesOnly {
 			if c.existed {
-				next[c.service] = route.Backend{Route: c.old.Route, Instances: c.instances}
+				b := c.old
+				b.SetInstances(c.consulService, c.instances)
+				next[c.service] = b
 			}
 			continue
 		}
 		if c.route == nil {
 			delete(next, c.service)
 		} else {
-			next[c.service] = route.Backend{Route: *c.route, Instances: c.instances}
+			next[c.service] = c.backend
 		}
 	}
 	return next

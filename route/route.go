@@ -132,8 +132,54 @@ func (i Instance) HostPort() string {
 
 // Backend is a route with the instances it balances over: the unit the renderer works on.
 type Backend struct {
-	Route     Route
+	Route Route
+	// Instances are those of Route.ConsulService().
 	Instances []Instance
+	// PortInstances are those of the destinations that name a port (Route.ConsulServiceFor), by port.
+	PortInstances map[int][]Instance
+	// FrontendSnippet and BackendSnippet are the route's custom templates, rendered; they replace
+	// the route's generated frontend lines and its generated backend.
+	FrontendSnippet string
+	BackendSnippet  string
+}
+
+// InstancesFor returns the instances that serve a destination.
+func (b Backend) InstancesFor(d Dest) []Instance {
+	if d.Port != 0 {
+		return b.PortInstances[d.Port]
+	}
+	return b.Instances
+}
+
+// SetInstances records the instances of one of the route's Consul services. The map of port
+// instances is copied, never changed in place: copies of a Backend stay independent.
+func (b *Backend) SetInstances(consulService string, inst []Instance) {
+	if consulService == b.Route.ConsulService() {
+		b.Instances = inst
+	}
+	copied := false
+	for _, d := range b.Route.Destinations() {
+		if d.Port == 0 || b.Route.ConsulServiceFor(d) != consulService {
+			continue
+		}
+		if !copied {
+			m := make(map[int][]Instance, len(b.PortInstances)+1)
+			for k, v := range b.PortInstances {
+				m[k] = v
+			}
+			b.PortInstances, copied = m, true
+		}
+		b.PortInstances[d.Port] = inst
+	}
+}
+
+// InstanceCount is the number of instances over all the route's Consul services.
+func (b Backend) InstanceCount() int {
+	n := len(b.Instances)
+	for _, inst := range b.PortInstances {
+		n += len(inst)
+	}
+	return n
 }
 
 // ConsulService is the name of the Consul service whose instances serve the route.

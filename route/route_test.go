@@ -162,7 +162,7 @@ func everything() Route {
 		AddHeader:       []Header{{"X-A", "one two"}, {"X-A", "three:3"}},
 		SetHeader:       []Header{{"X-Set", "a=b;c"}},
 		TimeoutServer:   30, TimeoutTunnel: 3600,
-		Port:            8080, ReqMode: ModeHTTP,
+		Port: 8080, ReqMode: ModeHTTP,
 		Dests: []Dest{
 			{Index: 1, ServicePath: []string{"/metrics"}, PathType: PathBeg, Port: 9000},
 			{Index: 2, ReqMode: ModeTCP, SrcPort: 6379, Port: 6379, PathType: PathBeg},

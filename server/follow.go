@@ -34,7 +34,7 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 	watchRouted := func() {
 		var names []string
 		for _, b := range s.proxy.Routes() {
-			names = append(names, b.Route.ConsulService())
+			names = append(names, b.Route.ConsulServices()...)
 		}
 		w.Services(names)
 	}

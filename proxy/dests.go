@@ -1,0 +1,109 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// Templates renders the custom templates of routes (templateFePath, templateBePath): files of the
+// server's templates folder, in consul-template syntax.
+type Templates interface {
+	// Resolve checks that a template path names a file inside the folder and returns its path
+	// relative to the folder; a refusal is a *route.ParamError naming param.
+	Resolve(param, path string) (string, error)
+	// Render renders the template at a resolved path against Consul.
+	Render(ctx context.Context, rel string) (string, error)
+}
+
+// SetTemplates gives the controller the renderer of custom templates. Without one, a route that
+// names a template is refused.
+func (p *Proxy) SetTemplates(t Templates) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.templates = t
+}
+
+// backendOf reads the instances of every Consul service a route uses and renders its templates.
+func (p *Proxy) backendOf(ctx context.Context, r route.Route) (route.Backend, error) {
+	be := route.Backend{Route: r}
+	for _, svc := range r.ConsulServices() {
+		inst, err := p.catalog.Instances(ctx, svc)
+		if err != nil {
+			return be, fmt.Errorf("read instances of %s: %w: %w", svc, ErrConsul, err)
+		}
+		be.SetInstances(svc, inst)
+	}
+	if err := p.renderTemplates(ctx, &be); err != nil {
+		return be, err
+	}
+	return be, nil
+}
+
+// renderTemplates renders a route's custom templates into its backend. A template that cannot be
+// read or rendered is a *route.ParamError naming its parameter: the request that names it is refused.
+func (p *Proxy) renderTemplates(ctx context.Context, be *route.Backend) error {
+	be.FrontendSnippet, be.BackendSnippet = "", ""
+	for _, t := range []struct {
+		param, path string
+		out         *string
+	}{
+		{route.ParamTemplateFePath, be.Route.TemplateFePath, &be.FrontendSnippet},
+		{route.ParamTemplateBePath, be.Route.TemplateBePath, &be.BackendSnippet},
+	} {
+		if t.path == "" {
+			continue
+		}
+		if p.templates == nil {
+			return &route.ParamError{Param: t.param, Reason: "this server has no templates folder (set TEMPLATES_DIR)"}
+		}
+		rel, err := p.templates.Resolve(t.param, t.path)
+		if err != nil {
+			return err
+		}
+		text, err := p.templates.Render(ctx, rel)
+		if err != nil {
+			var pe *route.ParamError
+			if errors.As(err, &pe) {
+				return err
+			}
+			return &route.ParamError{Param: t.param, Reason: fmt.Sprintf("%s does not render: %v", rel, err)}
+		}
+		if text == "" {
+			return &route.ParamError{Param: t.param, Reason: fmt.Sprintf("%s renders to nothing", rel)}
+		}
+		*t.out = text
+	}
+	return nil
+}
+
+// refreshTemplatesLocked renders again the templates of the routes whose instances a batch
+// changed: a template usually lists them.
+func (p *Proxy) refreshTemplatesLocked(ctx context.Context, batch []*change, next map[string]route.Backend) {
+	for _, c := range batch {
+		be, ok := next[c.service]
+		if !c.instancesOnly || !ok || (be.Route.TemplateFePath == "" && be.Route.TemplateBePath == "") {
+			continue
+		}
+		fresh := be
+		if err := p.renderTemplates(ctx, &fresh); err != nil {
+			// The last rendering keeps serving; the next change of the service tries again.
+			p.log.Warn("rendering a route's templates again failed; keeping the last rendering",
+				"service", c.service, "error", err)
+			continue
+		}
+		next[c.service] = fresh
+	}
+}
+
+// checkPortsLocked refuses a table whose TCP and SNI destinations clash over a source port.
+func (p *Proxy) checkPortsLocked(next map[string]route.Backend) error {
+	list := make([]route.Backend, 0, len(next))
+	for _, b := range next {
+		list = append(list, b)
+	}
+	return haproxy.CheckPorts(p.settings, list)
+}
