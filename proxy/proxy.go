@@ -48,6 +48,36 @@ var (
 	ErrApply = errors.New("haproxy reload failed")
 )
 
+// Observer is told what the controller does, for metrics (*metrics.Metrics is one). It is called
+// with the controller's lock held: its methods must not block.
+type Observer interface {
+	// Reload: HAProxy was reloaded with a new config; err nil once the new worker serves.
+	Reload(d time.Duration, err error)
+	// RuntimeUpdate: servers were changed through the runtime API, without a reload.
+	RuntimeUpdate(err error)
+	// Validated: `haproxy -c` ran on a rendered config.
+	Validated(err error)
+	// Consul: a Consul operation (OpReadRoutes, OpReadInstances, OpWriteRoutes) answered or failed.
+	Consul(op string, err error)
+	// Table: the route table HAProxy serves now, its routes and instances over all routes.
+	Table(routes, instances int)
+}
+
+// Consul operations an Observer is told about.
+const (
+	OpReadRoutes    = "read_routes"
+	OpReadInstances = "read_instances"
+	OpWriteRoutes   = "write_routes"
+)
+
+type noObserver struct{}
+
+func (noObserver) Reload(time.Duration, error) {}
+func (noObserver) RuntimeUpdate(error)         {}
+func (noObserver) Validated(error)             {}
+func (noObserver) Consul(string, error)        {}
+func (noObserver) Table(int, int)              {}
+
 // Proxy is the controller. Create it with New; call Load before serving.
 type Proxy struct {
 	catalog  Catalog
@@ -55,6 +85,7 @@ type Proxy struct {
 	haproxy  HAProxy
 	settings haproxy.Settings
 	log      *slog.Logger
+	obs      Observer
 
 	mu       sync.Mutex               // held while a batch of changes is applied
 	backends map[string]route.Backend // what HAProxy serves now
@@ -69,14 +100,24 @@ func New(catalog Catalog, store Store, hap HAProxy, settings haproxy.Settings, l
 		logger = slog.Default()
 	}
 	return &Proxy{catalog: catalog, store: store, haproxy: hap, settings: settings, log: logger,
-		backends: map[string]route.Backend{}}
+		obs: noObserver{}, backends: map[string]route.Backend{}}
+}
+
+// SetObserver makes o observe the controller (nil: nothing does). Call it before Load.
+func (p *Proxy) SetObserver(o Observer) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if o == nil {
+		o = noObserver{}
+	}
+	p.obs = o
 }
 
 // Load rebuilds the whole route table from KV and the catalog and returns the config that serves it.
 // The caller starts HAProxy with that config. Routes in KV that are not valid are logged and skipped.
 func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	routes, bad, err := p.store.List(ctx)
-	if err != nil {
+	if p.consul(OpReadRoutes, err) != nil {
 		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
 	}
 	for _, e := range bad {
@@ -85,7 +126,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
 		inst, err := p.catalog.Instances(ctx, r.ConsulService())
-		if err != nil {
+		if p.consul(OpReadInstances, err) != nil {
 			return nil, fmt.Errorf("load instances of %s: %w: %w", r.ConsulService(), ErrConsul, err)
 		}
 		backends[r.ServiceName] = route.Backend{Route: r, Instances: inst}
@@ -93,6 +134,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.backends = backends
+	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
 }
@@ -101,7 +143,8 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 func (p *Proxy) Apply(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err := p.haproxy.Apply(ctx, p.renderLocked(p.backends)); err != nil {
+	cfg := p.renderLocked(p.backends)
+	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return fmt.Errorf("%w: %w", ErrApply, err)
 	}
 	return nil
@@ -249,9 +292,9 @@ func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 		cfg := p.renderLocked(p.backends)
 		r, ok := p.haproxy.(reloader)
 		if !ok {
-			return p.haproxy.Apply(ctx, cfg)
+			return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 		}
-		if err := r.Reload(ctx, cfg); err != nil {
+		if err := p.timed(func() error { return r.Reload(ctx, cfg) }); err != nil {
 			return fmt.Errorf("%w: %w", ErrApply, err)
 		}
 		return nil
@@ -269,7 +312,7 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 			continue
 		}
 		routes, bad, err := p.store.List(ctx)
-		if err != nil {
+		if p.consul(OpReadRoutes, err) != nil {
 			c.done <- fmt.Errorf("read route table: %w: %w", ErrConsul, err)
 			continue
 		}
@@ -317,7 +360,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	for _, c := range batch {
 		if c.route != nil && !c.instancesOnly {
 			inst, err := p.catalog.Instances(ctx, c.route.ConsulService())
-			if err != nil {
+			if p.consul(OpReadInstances, err) != nil {
 				c.done <- fmt.Errorf("read instances of %s: %w: %w", c.route.ConsulService(), ErrConsul, err)
 				continue
 			}
@@ -330,7 +373,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 	next := p.nextLocked(ready)
 	cfg := p.renderLocked(next)
-	if err := p.haproxy.Validate(ctx, cfg); err != nil {
+	if err := p.validate(ctx, cfg); err != nil {
 		if len(ready) > 1 {
 			// Find the change that HAProxy rejects: apply them one by one.
 			for _, c := range ready {
@@ -338,7 +381,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			}
 			return
 		}
-		if verr := p.haproxy.Validate(ctx, p.renderLocked(p.backends)); verr == nil {
+		if verr := p.validate(ctx, p.renderLocked(p.backends)); verr == nil {
 			// The config served now passes: this change is what HAProxy refuses (a regex that PCRE
 			// rejects, say). The request is at fault.
 			p.log.Info("haproxy -c rejects the config of a change; nothing changed", "service", ready[0].service, "error", err)
@@ -355,7 +398,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			written = append(written, c) // already in Consul
 			continue
 		}
-		if err := p.write(ctx, c); err != nil {
+		if err := p.consul(OpWriteRoutes, p.write(ctx, c)); err != nil {
 			c.done <- fmt.Errorf("write route table: %w: %w", ErrConsul, err)
 			continue
 		}
@@ -377,7 +420,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			if written[i].observed {
 				continue
 			}
-			if rerr := p.restore(rctx, written[i]); rerr != nil {
+			if rerr := p.consul(OpWriteRoutes, p.restore(rctx, written[i])); rerr != nil {
 				p.log.Error("reload failed and KV could not be restored", "service", written[i].service, "error", err, "restore_error", rerr)
 			}
 		}
@@ -387,6 +430,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		return
 	}
 	p.backends = next
+	p.observeTableLocked()
 	for _, c := range written {
 		c.done <- nil
 	}
@@ -416,9 +460,9 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 	cfg := p.renderLocked(p.backends)
 	var err error
 	if r, ok := p.haproxy.(reloader); ok {
-		err = r.Reload(ctx, cfg)
+		err = p.timed(func() error { return r.Reload(ctx, cfg) })
 	} else {
-		err = p.haproxy.Apply(ctx, cfg)
+		err = p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
 	if err != nil {
 		p.settings.HasCerts = old
@@ -438,7 +482,7 @@ type serverUpdater interface {
 func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	up, ok := p.haproxy.(serverUpdater)
 	if !ok {
-		return p.haproxy.Apply(ctx, cfg)
+		return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
 	changes, serversOnly := haproxy.DiffServers(p.renderLocked(p.backends), cfg)
 	if serversOnly && len(changes) == 0 {
@@ -451,6 +495,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	}
 	if serversOnly {
 		err := up.UpdateServers(ctx, cfg)
+		p.obs.RuntimeUpdate(err)
 		if err == nil {
 			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(changes),
 				"servers_added", added, "servers_removed", removed)
@@ -462,7 +507,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 		}
 		p.log.Log(ctx, lvl, "changing servers through the runtime API failed; reloading instead", "error", err)
 	}
-	if err := p.haproxy.Apply(ctx, cfg); err != nil {
+	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return err
 	}
 	p.log.Info("haproxy updated", "path", "reload", "servers_only", serversOnly,
@@ -515,6 +560,36 @@ func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
 		list = append(list, b)
 	}
 	return haproxy.Render(p.settings, list)
+}
+
+// timed runs a reload of HAProxy and tells the observer how it went and how long it took.
+func (p *Proxy) timed(reload func() error) error {
+	start := time.Now()
+	err := reload()
+	p.obs.Reload(time.Since(start), err)
+	return err
+}
+
+// validate runs `haproxy -c` on cfg and tells the observer.
+func (p *Proxy) validate(ctx context.Context, cfg []byte) error {
+	err := p.haproxy.Validate(ctx, cfg)
+	p.obs.Validated(err)
+	return err
+}
+
+// consul tells the observer how a Consul operation went and returns its error.
+func (p *Proxy) consul(op string, err error) error {
+	p.obs.Consul(op, err)
+	return err
+}
+
+// observeTableLocked tells the observer the route table served.
+func (p *Proxy) observeTableLocked() {
+	n := 0
+	for _, b := range p.backends {
+		n += len(b.Instances)
+	}
+	p.obs.Table(len(p.backends), n)
 }
 
 // restoreTimeout bounds putting KV back after a failed reload.
