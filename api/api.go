@@ -102,15 +102,35 @@ const (
 // RequestTimeout bounds one reconfigure or remove, Consul and the reload included.
 const RequestTimeout = 60 * time.Second
 
+// Metrics counts the answers to reconfigure and remove requests and serves GET /metrics
+// (*metrics.Metrics is one).
+type Metrics interface {
+	// Request records the answer to a request: op is "reconfigure" or "remove", err nil on success.
+	Request(op string, err error)
+	http.Handler
+}
+
+// Option changes what Handler serves.
+type Option func(*handlers)
+
+// WithMetrics counts requests in m and serves it on GET /metrics.
+func WithMetrics(m Metrics) Option { return func(a *handlers) { a.metrics = m } }
+
 // Handler returns the API's routes.
-func Handler(c Controller, h Health, certs Certs, logger *slog.Logger) http.Handler {
+func Handler(c Controller, h Health, certs Certs, logger *slog.Logger, opts ...Option) http.Handler {
 	if logger == nil {
 		logger = slog.Default()
 	}
 	a := &handlers{c: c, h: h, certs: certs, log: logger}
+	for _, o := range opts {
+		o(a)
+	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("/v1/docker-flow-proxy/reconfigure", a.reconfigure)
-	mux.HandleFunc("/v1/docker-flow-proxy/remove", a.remove)
+	if a.metrics != nil {
+		mux.Handle("GET /metrics", a.metrics)
+	}
+	mux.HandleFunc(pathReconfigure, a.reconfigure)
+	mux.HandleFunc(pathRemove, a.remove)
 	mux.HandleFunc("/v1/docker-flow-proxy/config", a.config)
 	mux.HandleFunc("/v1/docker-flow-proxy/reload", a.reload)
 	mux.HandleFunc("/v1/docker-flow-proxy/health", a.health)
@@ -122,10 +142,30 @@ func Handler(c Controller, h Health, certs Certs, logger *slog.Logger) http.Hand
 }
 
 type handlers struct {
-	c     Controller
-	h     Health
-	certs Certs
-	log   *slog.Logger
+	c       Controller
+	h       Health
+	certs   Certs
+	log     *slog.Logger
+	metrics Metrics
+}
+
+// Paths of the requests counted by Metrics.
+const (
+	pathReconfigure = "/v1/docker-flow-proxy/reconfigure"
+	pathRemove      = "/v1/docker-flow-proxy/remove"
+)
+
+// observe records the answer to a reconfigure or remove request.
+func (a *handlers) observe(req *http.Request, err error) {
+	if a.metrics == nil {
+		return
+	}
+	switch req.URL.Path {
+	case pathReconfigure:
+		a.metrics.Request("reconfigure", err)
+	case pathRemove:
+		a.metrics.Request("remove", err)
+	}
 }
 
 func (a *handlers) reconfigure(w http.ResponseWriter, req *http.Request) {
@@ -160,6 +200,7 @@ func (a *handlers) reconfigure(w http.ResponseWriter, req *http.Request) {
 		resp.Message = "no instance of " + r.ConsulService() + " is registered in Consul (or none is healthy) yet: " +
 			"its paths answer 503 until one is"
 	}
+	a.observe(req, nil)
 	writeJSON(w, http.StatusOK, resp)
 }
 
@@ -184,6 +225,7 @@ func (a *handlers) remove(w http.ResponseWriter, req *http.Request) {
 	if !existed {
 		resp.Message = "no route for " + name + " was configured"
 	}
+	a.observe(req, nil)
 	writeJSON(w, http.StatusOK, resp)
 }
 
@@ -304,6 +346,7 @@ func (a *handlers) test(w http.ResponseWriter, req *http.Request) {
 }
 
 func (a *handlers) fail(w http.ResponseWriter, req *http.Request, resp Response, err error) {
+	a.observe(req, err)
 	code := statusOf(err)
 	resp.Status = StatusNOK
 	resp.Message = err.Error()

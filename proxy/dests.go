@@ -32,7 +32,7 @@ func (p *Proxy) backendOf(ctx context.Context, r route.Route) (route.Backend, er
 	be := route.Backend{Route: r}
 	for _, svc := range r.ConsulServices() {
 		inst, err := p.catalog.Instances(ctx, svc)
-		if err != nil {
+		if p.consul(OpReadInstances, err) != nil {
 			return be, fmt.Errorf("read instances of %s: %w: %w", svc, ErrConsul, err)
 		}
 		be.SetInstances(svc, inst)

@@ -49,6 +49,36 @@ var (
 	ErrApply = errors.New("haproxy reload failed")
 )
 
+// Observer is told what the controller does, for metrics (*metrics.Metrics is one). It is called
+// with the controller's lock held: its methods must not block.
+type Observer interface {
+	// Reload: HAProxy was reloaded with a new config; err nil once the new worker serves.
+	Reload(d time.Duration, err error)
+	// RuntimeUpdate: servers were changed through the runtime API, without a reload.
+	RuntimeUpdate(err error)
+	// Validated: `haproxy -c` ran on a rendered config.
+	Validated(err error)
+	// Consul: a Consul operation (OpReadRoutes, OpReadInstances, OpWriteRoutes) answered or failed.
+	Consul(op string, err error)
+	// Table: the route table HAProxy serves now, its routes and instances over all routes.
+	Table(routes, instances int)
+}
+
+// Consul operations an Observer is told about.
+const (
+	OpReadRoutes    = "read_routes"
+	OpReadInstances = "read_instances"
+	OpWriteRoutes   = "write_routes"
+)
+
+type noObserver struct{}
+
+func (noObserver) Reload(time.Duration, error) {}
+func (noObserver) RuntimeUpdate(error)         {}
+func (noObserver) Validated(error)             {}
+func (noObserver) Consul(string, error)        {}
+func (noObserver) Table(int, int)              {}
+
 // Proxy is the controller. Create it with New; call Load before serving.
 type Proxy struct {
 	catalog  Catalog
@@ -56,6 +86,7 @@ type Proxy struct {
 	haproxy  HAProxy
 	settings haproxy.Settings
 	log      *slog.Logger
+	obs      Observer
 
 	templates Templates // nil: routes that name a template are refused
 
@@ -72,14 +103,24 @@ func New(catalog Catalog, store Store, hap HAProxy, settings haproxy.Settings, l
 		logger = slog.Default()
 	}
 	return &Proxy{catalog: catalog, store: store, haproxy: hap, settings: settings, log: logger,
-		backends: map[string]route.Backend{}}
+		obs: noObserver{}, backends: map[string]route.Backend{}}
+}
+
+// SetObserver makes o observe the controller (nil: nothing does). Call it before Load.
+func (p *Proxy) SetObserver(o Observer) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if o == nil {
+		o = noObserver{}
+	}
+	p.obs = o
 }
 
 // Load rebuilds the whole route table from KV and the catalog and returns the config that serves it.
 // The caller starts HAProxy with that config. Routes in KV that are not valid are logged and skipped.
 func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	routes, bad, err := p.store.List(ctx)
-	if err != nil {
+	if p.consul(OpReadRoutes, err) != nil {
 		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
 	}
 	for _, e := range bad {
@@ -101,6 +142,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.backends = backends
+	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
 }
@@ -109,7 +151,8 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 func (p *Proxy) Apply(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err := p.haproxy.Apply(ctx, p.renderLocked(p.backends)); err != nil {
+	cfg := p.renderLocked(p.backends)
+	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return fmt.Errorf("%w: %w", ErrApply, err)
 	}
 	return nil
@@ -262,9 +305,9 @@ func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 		cfg := p.renderLocked(p.backends)
 		r, ok := p.haproxy.(reloader)
 		if !ok {
-			return p.haproxy.Apply(ctx, cfg)
+			return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 		}
-		if err := r.Reload(ctx, cfg); err != nil {
+		if err := p.timed(func() error { return r.Reload(ctx, cfg) }); err != nil {
 			return fmt.Errorf("%w: %w", ErrApply, err)
 		}
 		return nil
@@ -282,7 +325,7 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 			continue
 		}
 		routes, bad, err := p.store.List(ctx)
-		if err != nil {
+		if p.consul(OpReadRoutes, err) != nil {
 			c.done <- fmt.Errorf("read route table: %w: %w", ErrConsul, err)
 			continue
 		}
@@ -354,7 +397,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 	p.refreshTemplatesLocked(ctx, ready, next)
 	cfg := p.renderLocked(next)
-	if err := p.haproxy.Validate(ctx, cfg); err != nil {
+	if err := p.validate(ctx, cfg); err != nil {
 		if len(ready) > 1 {
 			// Find the change that HAProxy rejects: apply them one by one.
 			for _, c := range ready {
@@ -362,7 +405,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			}
 			return
 		}
-		if verr := p.haproxy.Validate(ctx, p.renderLocked(p.backends)); verr == nil {
+		if verr := p.validate(ctx, p.renderLocked(p.backends)); verr == nil {
 			// The config served now passes: this change is what HAProxy refuses (a regex that PCRE
 			// rejects, say). The request is at fault.
 			p.log.Info("haproxy -c rejects the config of a change; nothing changed", "service", ready[0].service, "error", err)
@@ -379,7 +422,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			written = append(written, c) // already in Consul
 			continue
 		}
-		if err := p.write(ctx, c); err != nil {
+		if err := p.consul(OpWriteRoutes, p.write(ctx, c)); err != nil {
 			c.done <- fmt.Errorf("write route table: %w: %w", ErrConsul, err)
 			continue
 		}
@@ -401,7 +444,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			if written[i].observed {
 				continue
 			}
-			if rerr := p.restore(rctx, written[i]); rerr != nil {
+			if rerr := p.consul(OpWriteRoutes, p.restore(rctx, written[i])); rerr != nil {
 				p.log.Error("reload failed and KV could not be restored", "service", written[i].service, "error", err, "restore_error", rerr)
 			}
 		}
@@ -411,6 +454,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		return
 	}
 	p.backends = next
+	p.observeTableLocked()
 	for _, c := range written {
 		c.done <- nil
 	}
@@ -440,9 +484,9 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 	cfg := p.renderLocked(p.backends)
 	var err error
 	if r, ok := p.haproxy.(reloader); ok {
-		err = r.Reload(ctx, cfg)
+		err = p.timed(func() error { return r.Reload(ctx, cfg) })
 	} else {
-		err = p.haproxy.Apply(ctx, cfg)
+		err = p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
 	if err != nil {
 		p.settings.HasCerts = old
@@ -462,7 +506,7 @@ type serverUpdater interface {
 func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	up, ok := p.haproxy.(serverUpdater)
 	if !ok {
-		return p.haproxy.Apply(ctx, cfg)
+		return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
 	changes, serversOnly := haproxy.DiffServers(p.renderLocked(p.backends), cfg)
 	if serversOnly && len(changes) == 0 {
@@ -475,6 +519,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	}
 	if serversOnly {
 		err := up.UpdateServers(ctx, cfg)
+		p.obs.RuntimeUpdate(err)
 		if err == nil {
 			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(changes),
 				"servers_added", added, "servers_removed", removed)
@@ -486,7 +531,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 		}
 		p.log.Log(ctx, lvl, "changing servers through the runtime API failed; reloading instead", "error", err)
 	}
-	if err := p.haproxy.Apply(ctx, cfg); err != nil {
+	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return err
 	}
 	p.log.Info("haproxy updated", "path", "reload", "servers_only", serversOnly,
@@ -541,6 +586,36 @@ func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
 		list = append(list, b)
 	}
 	return haproxy.Render(p.settings, list)
+}
+
+// timed runs a reload of HAProxy and tells the observer how it went and how long it took.
+func (p *Proxy) timed(reload func() error) error {
+	start := time.Now()
+	err := reload()
+	p.obs.Reload(time.Since(start), err)
+	return err
+}
+
+// validate runs `haproxy -c` on cfg and tells the observer.
+func (p *Proxy) validate(ctx context.Context, cfg []byte) error {
+	err := p.haproxy.Validate(ctx, cfg)
+	p.obs.Validated(err)
+	return err
+}
+
+// consul tells the observer how a Consul operation went and returns its error.
+func (p *Proxy) consul(op string, err error) error {
+	p.obs.Consul(op, err)
+	return err
+}
+
+// observeTableLocked tells the observer the route table served.
+func (p *Proxy) observeTableLocked() {
+	n := 0
+	for _, b := range p.backends {
+		n += b.InstanceCount()
+	}
+	p.obs.Table(len(p.backends), n)
 }
 
 // restoreTimeout bounds putting KV back after a failed reload.

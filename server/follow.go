@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/metrics"
 )
 
 // outage is Consul's reachability as the watches see it, for the health endpoint.
@@ -46,6 +47,7 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 			return
 		case u = <-w.Updates():
 		}
+		s.metrics.Consul(metrics.ConsulWatch, u.Err)
 		if u.Err != nil {
 			s.outage.set(u.Err, u.Since)
 			s.log.Warn("consul unreachable; serving the last known state", "since", u.Since, "error", u.Err)
@@ -66,11 +68,15 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 			// in step with its own changes, so that an older snapshot never undoes a newer request.
 			if err := s.proxy.SyncFromKV(ctx); err != nil {
 				s.log.Error("applying the route table from KV failed", "error", err)
+			} else {
+				s.metrics.WatchUpdate(metrics.WatchRoutes)
 			}
 			watchRouted()
 		case u.Instances != nil:
 			if err := s.proxy.UpdateInstances(ctx, u.Service, u.Instances); err != nil {
 				s.log.Error("applying new instances failed", "service", u.Service, "error", err)
+			} else {
+				s.metrics.WatchUpdate(metrics.WatchInstances)
 			}
 		}
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/api"
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
 	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
+	"github.com/docker-flow-proxy/docker-flow-proxy/metrics"
 	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
@@ -67,6 +68,7 @@ type Server struct {
 	api      *http.Server
 	apiAddr  string
 	outage   outage
+	metrics  *metrics.Metrics
 	certs    *consul.CertStore
 	certMu   sync.Mutex // held while a certificate is written and served
 	cancel   context.CancelFunc
@@ -132,10 +134,12 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
 	catalog := catalogFilter{c: cc, filter: cfg.Health}
 	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
+	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
+	p.SetObserver(m)
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,
-		certs: consul.NewCertStore(cc, cfg.InstanceName)}
+		certs: consul.NewCertStore(cc, cfg.InstanceName), metrics: m}
 
 	loaded := true
 	initial, err := s.loadWithRetry(ctx, cfg.StartupTimeout)
@@ -147,6 +151,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		cancel()
 		return nil, fmt.Errorf("start haproxy: %w", err)
 	}
+	m.Applied(time.Now())
 	if !loaded {
 		s.wg.Add(1)
 		go func() { defer s.wg.Done(); s.loadInBackground(runCtx) }()
@@ -164,7 +169,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("api listener: %w", err)
 	}
 	s.apiAddr = l.Addr().String()
-	s.api = &http.Server{Handler: api.Handler(p, s, s, cfg.Logger), ReadHeaderTimeout: 10 * time.Second}
+	s.api = &http.Server{Handler: api.Handler(p, s, s, cfg.Logger, api.WithMetrics(m)), ReadHeaderTimeout: 10 * time.Second}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
