@@ -30,6 +30,15 @@ func (p *Proxy) SetTemplates(t Templates) {
 // backendOf reads the instances of every Consul service a route uses and renders its templates.
 func (p *Proxy) backendOf(ctx context.Context, r route.Route) (route.Backend, error) {
 	be := route.Backend{Route: r}
+	if inst, ok := p.staticInstances(r.ServiceName); ok {
+		for _, svc := range r.ConsulServices() {
+			be.SetInstances(svc, inst)
+		}
+		if err := p.renderTemplates(ctx, &be); err != nil {
+			return be, err
+		}
+		return be, nil
+	}
 	for _, svc := range r.ConsulServices() {
 		inst, err := p.catalog.Instances(ctx, svc)
 		if p.consul(OpReadInstances, err) != nil {

@@ -89,6 +89,7 @@ type Proxy struct {
 	obs      Observer
 
 	templates Templates // nil: routes that name a template are refused
+	static    map[string]route.EnvRoute
 
 	mu       sync.Mutex               // held while a batch of changes is applied
 	backends map[string]route.Backend // what HAProxy serves now
@@ -126,6 +127,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	for _, e := range bad {
 		p.log.Warn("skipping a route in KV that is not valid", "error", e)
 	}
+	routes = p.withStatic(routes)
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
 		be, err := p.backendOf(ctx, r)
@@ -183,6 +185,9 @@ func (p *Proxy) Reconfigure(ctx context.Context, r route.Route) ([]route.Instanc
 	if err := r.Validate(); err != nil {
 		return nil, err
 	}
+	if err := p.refuseStatic(r.ServiceName); err != nil {
+		return nil, err
+	}
 	c := &change{service: r.ServiceName, route: &r, done: make(chan error, 1)}
 	if err := p.submit(ctx, c); err != nil {
 		return nil, err
@@ -196,6 +201,9 @@ func (p *Proxy) Reconfigure(ctx context.Context, r route.Route) ([]route.Instanc
 // Remove deletes a route from HAProxy and KV. It reports whether the route was served.
 func (p *Proxy) Remove(ctx context.Context, serviceName string) (bool, error) {
 	if err := route.ValidateServiceName(serviceName); err != nil {
+		return false, err
+	}
+	if err := p.refuseStatic(serviceName); err != nil {
 		return false, err
 	}
 	c := &change{service: serviceName, done: make(chan error, 1)}
@@ -276,6 +284,9 @@ func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst []route.Instance) error {
 	var cs []*change
 	for _, b := range p.Routes() {
+		if _, fixed := p.staticInstances(b.Route.ServiceName); fixed {
+			continue // its instances are listed in the environment, not followed in the catalog
+		}
 		if slices.Contains(b.Route.ConsulServices(), consulService) {
 			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
 				consulService: consulService, instances: inst, done: make(chan error, 1)})
@@ -332,6 +343,7 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 		for _, e := range bad {
 			p.log.Warn("skipping a route in KV that is not valid", "error", e)
 		}
+		routes = p.withStatic(routes)
 		current := make(map[string]route.Route, len(p.backends))
 		for name, b := range p.backends {
 			current[name] = b.Route

@@ -52,6 +52,9 @@ type Config struct {
 	StatsPort int
 	StatsUser string
 	StatsPass string
+	// Services are routes defined at start (DFP_SERVICE_* environment variables): served next to
+	// the routes of KV, never written to it, not changeable through the API.
+	Services []route.EnvRoute
 	// NoWatch turns off following Consul (the original's behaviour): HAProxy then changes only on
 	// reconfigure, remove and reload requests.
 	NoWatch bool
@@ -136,6 +139,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
 	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
 	p.SetObserver(m)
+	p.SetStatic(cfg.Services)
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,

@@ -15,6 +15,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 	"github.com/docker-flow-proxy/docker-flow-proxy/server"
 )
 
@@ -102,6 +103,10 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("--service-health: %w", err)
 	}
+	services, err := route.FromEnv(os.Environ())
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	srv, err := server.Start(ctx, server.Config{
@@ -119,6 +124,7 @@ func runServer(c *cli.Context) error {
 		StartupTimeout:  c.Duration("startup-timeout"),
 		Users:           c.String("users"),
 		NoWatch:         c.Bool("no-watch"),
+		Services:        services,
 		StatsPort:       c.Int("stats-port"),
 		StatsUser:       c.String("stats-user"),
 		StatsPass:       c.String("stats-pass"),
