@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -120,4 +121,19 @@ func (s *CertStore) List(ctx context.Context) (map[string][]byte, []string, erro
 		out[name] = p.Value
 	}
 	return out, skipped, nil
+}
+
+// WaitChange blocks until the certificates folder in KV changes after index (a blocking query, at
+// most wait long) and returns the folder's new index. Index 0 returns at once with the current one.
+func (s *CertStore) WaitChange(ctx context.Context, index uint64, wait time.Duration) (uint64, error) {
+	var meta *api.QueryMeta
+	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
+		var err error
+		_, meta, err = a.KV().Keys(s.prefix+"/", "", (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(ctx))
+		return err
+	})
+	if err != nil {
+		return index, fmt.Errorf("consul kv watch %s/: %w", s.prefix, err)
+	}
+	return meta.LastIndex, nil
 }

@@ -311,3 +311,30 @@ func TestServiceCertOnReconfigureIsStoredAndServed(t *testing.T) {
 		t.Fatalf("HTTPS reached %q", s.Backend)
 	}
 }
+
+// A certificate stored through one replica is served by the other replicas while they run.
+func TestRunningReplicasServeACertificatePutOnAnother(t *testing.T) {
+	e := newEnv(t)
+	first := e.startCertProxy("docker-flow")
+	second := e.startCertProxy("docker-flow")
+	other := e.startCertProxy("other")
+	c, _, _ := newCert(t, "live.example.com")
+	if code, r := first.putCert(t, "certName=live.example.com", c); code != http.StatusOK {
+		t.Fatalf("PUT: %d %+v", code, r)
+	}
+	presents(t, second.https, "live.example.com")
+	if got := second.files(t)["live.example.com.pem"]; got != string(c) {
+		t.Fatalf("the second replica's folder holds %q", got)
+	}
+	// A replaced certificate is served again; another instance name is not touched.
+	c2, _, _ := newCert(t, "live.example.com")
+	if code, r := second.putCert(t, "certName=live.example.com", c2); code != http.StatusOK {
+		t.Fatalf("PUT on the second: %d %+v", code, r)
+	}
+	eventually(t, 10*time.Second, "the first replica holds the replaced certificate", func() bool {
+		return first.files(t)["live.example.com.pem"] == string(c2)
+	})
+	if names := other.certNames(t); len(names) != 0 {
+		t.Fatalf("instance other serves %v", names)
+	}
+}

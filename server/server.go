@@ -165,6 +165,10 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		s.wg.Add(2)
 		go func() { defer s.wg.Done(); _ = w.Run(runCtx) }()
 		go func() { defer s.wg.Done(); s.follow(runCtx, w) }()
+		if cfg.CertsDir != "" {
+			s.wg.Add(1)
+			go func() { defer s.wg.Done(); s.followCerts(runCtx) }()
+		}
 	}
 
 	l, err := net.Listen("tcp", net.JoinHostPort(cfg.BindAddress, strconv.Itoa(cfg.APIPort)))
@@ -367,15 +371,23 @@ func (s *Server) CertNames() ([]string, error) {
 // writeCertsFromKV writes every certificate stored in KV to the certificates folder (a new replica
 // then serves the certificates added to another one). Files that are not in KV are left alone.
 func (s *Server) writeCertsFromKV(ctx context.Context) error {
+	_, err := s.writeChangedCerts(ctx)
+	return err
+}
+
+// writeChangedCerts writes the certificates of KV that the folder lacks or holds otherwise, and
+// says how many it wrote.
+func (s *Server) writeChangedCerts(ctx context.Context) (int, error) {
 	if s.cfg.CertsDir == "" {
-		return nil
+		return 0, nil
 	}
 	s.certMu.Lock()
 	defer s.certMu.Unlock()
 	certs, skipped, err := s.certs.List(ctx)
 	if err != nil {
-		return fmt.Errorf("load certificates: %w: %w", proxy.ErrConsul, err)
+		return 0, fmt.Errorf("load certificates: %w: %w", proxy.ErrConsul, err)
 	}
+	written := 0
 	for _, k := range skipped {
 		s.log.Warn("skipping a KV key that is not a certificate name", "key", k)
 	}
@@ -389,11 +401,12 @@ func (s *Server) writeCertsFromKV(ctx context.Context) error {
 			continue
 		}
 		if err := writeFileAtomic(path, data); err != nil {
-			return fmt.Errorf("load certificates: %w", err)
+			return written, fmt.Errorf("load certificates: %w", err)
 		}
+		written++
 		s.log.Info("certificate written from KV", "cert", name)
 	}
-	return nil
+	return written, nil
 }
 
 // writeFileAtomic writes data to path with mode 0600 through a hidden temporary file in the same
