@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -426,7 +427,9 @@ func TestRenderFailsOverToTheNextAddress(t *testing.T) {
 	up := testenv.StartConsul(t)
 	up.RegisterService("books-ms", "books-ms-1", "127.0.0.1", 8001)
 
-	r := newRenderer(t, "testdata", []string{down.Addr, up.Addr}, 5*time.Second)
+	var logs syncBuffer
+	r := templates.New("testdata", []string{down.Addr, up.Addr}, 5*time.Second,
+		slog.New(slog.NewTextHandler(&logs, nil)))
 	want := "backend books-ms-be\n    mode http\n    server test-node_8001 127.0.0.1:8001 check\n"
 	for i := range 2 {
 		out, err := r.Render(context.Background(), "books-ms-be.tmpl")
@@ -436,6 +439,71 @@ func TestRenderFailsOverToTheNextAddress(t *testing.T) {
 		if out != want {
 			t.Errorf("render %d = %q, want %q", i+1, out, want)
 		}
+	}
+	// The first render found the first agent down; the second started with the one that answered.
+	if n := strings.Count(logs.String(), "consul="+down.Addr); n != 1 {
+		t.Errorf("the stopped agent was tried %d times in two renders, want once; logs:\n%s", n, logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer for a logger used by several goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// An agent that accepts connections and never answers (a paused or wedged agent) cannot be made
+// from testenv's agent, which the test cannot pause: a listener on 127.0.0.1 that accepts and
+// stays silent stands for it. The render still ends at its timeout and says Consul did not answer.
+func TestRenderSilentAgentIsBounded(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns sync.WaitGroup
+	accepted := make(chan net.Conn, 16)
+	conns.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	})
+	t.Cleanup(func() {
+		_ = l.Close()
+		conns.Wait()
+		close(accepted)
+		for c := range accepted {
+			_ = c.Close()
+		}
+	})
+
+	dir := t.TempDir()
+	writeTemplate(t, dir, "be.tmpl", `{{range service "books-ms" "any"}}server {{.Address}}{{end}}`)
+	const timeout = time.Second
+	r := newRenderer(t, dir, []string{l.Addr().String()}, timeout)
+	start := time.Now()
+	re := renderErr(t, r, "be.tmpl")
+	if took := time.Since(start); took < timeout-50*time.Millisecond || took > timeout+time.Second {
+		t.Errorf("Render failed after %v, want at its timeout %v", took, timeout)
+	}
+	want := fmt.Sprintf(`template "be.tmpl" cannot be rendered: Consul at %s did not answer within 1s: health.service(books-ms|any)`, l.Addr())
+	if re.Error() != want || !re.Unavailable {
+		t.Errorf("error = %q (Unavailable %v), want %q (Unavailable)", re.Error(), re.Unavailable, want)
 	}
 }
 
