@@ -120,7 +120,7 @@ func (r *Renderer) Render(ctx context.Context, rel string) (string, error) {
 		if !errors.As(err, &down) {
 			return "", err
 		}
-		r.logger.Warn("Consul did not answer a template's query", "template", rel, "consul", addr, "error", down.err)
+		r.logger.Warn("Consul did not answer a template's query", "template", rel, "consul", addr, "error", down.err.Error())
 		downs = append(downs, down.Error())
 		lastErr = err
 		if ctx.Err() != nil {
@@ -205,13 +205,13 @@ func (r *Renderer) fetchAll(ctx context.Context, clients *ctdep.ClientSet, brain
 	for len(pending) > 0 {
 		select {
 		case res := <-results:
-			delete(pending, res.st)
 			if res.err != nil {
 				if ctx.Err() != nil {
 					return r.ctxError(ctx, rel, addr, pending)
 				}
 				return fetchError(rel, addr, res.st.dep, res.err)
 			}
+			delete(pending, res.st)
 			brain.Remember(res.st.dep, res.data)
 		case <-ctx.Done():
 			return r.ctxError(ctx, rel, addr, pending)
@@ -233,7 +233,11 @@ func fetchOne(ctx context.Context, clients *ctdep.ClientSet, st *fetchState) (da
 	for {
 		deadline, _ := ctx.Deadline()
 		wait := time.Until(deadline)
-		if ctx.Err() != nil || wait <= 0 {
+		if wait <= 0 {
+			// The deadline passed: ctx ends at once, if its timer has not fired yet.
+			<-ctx.Done()
+		}
+		if ctx.Err() != nil {
 			return nil, context.Cause(ctx)
 		}
 		began := time.Now()

@@ -193,6 +193,17 @@ func TestRenderMissingKey(t *testing.T) {
 		}
 	})
 
+	// The deadline falls while a blocking query ends: the key is still missing, never "".
+	t.Run("short timeouts", func(t *testing.T) {
+		r := newRenderer(t, dir, []string{c.Addr}, 150*time.Millisecond)
+		for range 8 {
+			re := renderErr(t, r, "missing.tmpl")
+			if !strings.Contains(re.Error(), "waits for data Consul does not have: kv.block(missing)") {
+				t.Fatalf("error = %q, want it to name kv.block(missing)", re.Error())
+			}
+		}
+	})
+
 	t.Run("arrives while waiting", func(t *testing.T) {
 		r := newRenderer(t, dir, []string{c.Addr}, 10*time.Second)
 		type result struct {
