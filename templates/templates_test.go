@@ -193,13 +193,22 @@ func TestRenderMissingKey(t *testing.T) {
 		}
 	})
 
-	// The deadline falls while a blocking query ends: the key is still missing, never "".
-	t.Run("short timeouts", func(t *testing.T) {
+	// The deadline falls as a blocking query ends: the key is still missing, never "".
+	t.Run("short deadlines", func(t *testing.T) {
 		r := newRenderer(t, dir, []string{c.Addr}, 150*time.Millisecond)
 		for range 8 {
 			re := renderErr(t, r, "missing.tmpl")
 			if !strings.Contains(re.Error(), "waits for data Consul does not have: kv.block(missing)") {
 				t.Fatalf("error = %q, want it to name kv.block(missing)", re.Error())
+			}
+		}
+		r = newRenderer(t, dir, []string{c.Addr}, 10*time.Second)
+		for range 16 {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Millisecond)
+			out, err := r.Render(ctx, "missing.tmpl")
+			cancel()
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("Render with the caller's deadline passed = %q, %v; want context.DeadlineExceeded", out, err)
 			}
 		}
 	})
