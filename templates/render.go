@@ -73,7 +73,9 @@ func (e *consulDown) Unwrap() error { return e.err }
 // Render fails with a *RenderError when the file cannot be read, does not parse, calls an unknown
 // or denied function, fails, waits longer than the timeout for data Consul does not have, or when
 // no Consul address answers (Unavailable). When ctx ends first it returns ctx's error, wrapped; a
-// blocking query it started then ends within the timeout.
+// blocking query it started then ends within the timeout. (The library's Consul client has no
+// request timeout: a query sent to an agent that accepts connections but never answers ends only
+// when the agent answers or the connection drops, although Render itself returns at its timeout.)
 func (r *Renderer) Render(ctx context.Context, rel string) (string, error) {
 	start := time.Now()
 	contents, reason := r.read(rel)
