@@ -76,10 +76,14 @@ func (p *Proxy) renderTemplates(ctx context.Context, be *route.Backend) error {
 		text, err := p.templates.Render(ctx, rel)
 		if err != nil {
 			var pe *route.ParamError
-			if errors.As(err, &pe) {
+			var unavailable interface{ ConsulUnavailable() bool }
+			switch {
+			case errors.As(err, &pe), errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil:
 				return err
+			case errors.As(err, &unavailable) && unavailable.ConsulUnavailable():
+				return fmt.Errorf("render %s: %w: %w", t.param, ErrConsul, err)
 			}
-			return &route.ParamError{Param: t.param, Reason: fmt.Sprintf("%s does not render: %v", rel, err)}
+			return &route.ParamError{Param: t.param, Reason: err.Error()}
 		}
 		if text == "" {
 			return &route.ParamError{Param: t.param, Reason: fmt.Sprintf("%s renders to nothing", rel)}

@@ -24,6 +24,7 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/metrics"
 	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+	"github.com/docker-flow-proxy/docker-flow-proxy/templates"
 )
 
 // Config is everything the server is started with.
@@ -140,6 +141,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
 	p.SetObserver(m)
 	p.SetStatic(cfg.Services)
+	if cfg.TemplatesDir != "" {
+		p.SetTemplates(templates.New(cfg.TemplatesDir, cfg.ConsulAddresses, templates.DefaultTimeout, cfg.Logger))
+	}
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,

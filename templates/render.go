@@ -49,6 +49,10 @@ func (e *RenderError) Error() string { return fmt.Sprintf("template %q %s", e.Te
 
 func (e *RenderError) Unwrap() error { return e.Err }
 
+// ConsulUnavailable reports whether Consul did not answer (Unavailable), for callers that do not
+// import this package.
+func (e *RenderError) ConsulUnavailable() bool { return e.Unavailable }
+
 // errTimeout is the cause of a Render's context when its own timeout elapsed.
 var errTimeout = errors.New("template render timeout")
 

@@ -5,6 +5,7 @@ package main
 import (
 	"context"
 	"fmt"
+	stdlog "log"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -17,6 +18,7 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 	"github.com/docker-flow-proxy/docker-flow-proxy/server"
+	"github.com/docker-flow-proxy/docker-flow-proxy/templates"
 )
 
 func main() {
@@ -107,6 +109,9 @@ func runServer(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// The consul-template library logs through the standard logger: its lines join ours.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(templates.LogWriter(log))
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	srv, err := server.Start(ctx, server.Config{
