@@ -2,6 +2,7 @@ package consul
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -79,10 +80,80 @@ func (s *Store) Get(ctx context.Context, service string) (route.Route, bool, err
 // key of r.KV is set, so keys of an older version of the route disappear and a failure never leaves
 // half a route.
 func (s *Store) Put(ctx context.Context, r route.Route) error {
-	if err := r.Validate(); err != nil {
-		return fmt.Errorf("consul kv put %s: %w", s.folder(r.ServiceName), err)
+	_, err := s.Write(ctx, r.ServiceName, &r)
+	return err
+}
+
+// Delete removes a route's folder in one transaction. Deleting a route that does not exist is not
+// an error. The folder is deleted with its trailing slash: deleting "books" leaves "books-ms".
+func (s *Store) Delete(ctx context.Context, service string) error {
+	_, err := s.Write(ctx, service, nil)
+	return err
+}
+
+// versionKey is the key every route has (route.Route.KV always sets it): its ModifyIndex tells
+// whether the folder changed since a write.
+const versionKey = route.KeySkipCheck
+
+// Write puts the route (r != nil) or deletes it (r == nil) in one transaction, as Put and Delete
+// do, and returns the version it left, for a later check-and-set (Restore): the ModifyIndex of the
+// route's keys after a put, 0 after a delete.
+func (s *Store) Write(ctx context.Context, service string, r *route.Route) (uint64, error) {
+	if err := checkServiceName(service); err != nil {
+		return 0, err
 	}
-	folder := s.folder(r.ServiceName)
+	folder := s.folder(service)
+	if r == nil {
+		if _, err := s.txn(ctx, api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}}}); err != nil {
+			return 0, fmt.Errorf("consul kv delete %s: %w", folder, err)
+		}
+		return 0, nil
+	}
+	if err := r.Validate(); err != nil {
+		return 0, fmt.Errorf("consul kv put %s: %w", folder, err)
+	}
+	resp, err := s.txn(ctx, putOps(folder, *r))
+	if err != nil {
+		return 0, fmt.Errorf("consul kv put %s: %w", folder, err)
+	}
+	for _, res := range resp.Results {
+		if res != nil && res.KV != nil && res.KV.Key == folder+versionKey {
+			return res.KV.ModifyIndex, nil
+		}
+	}
+	return 0, fmt.Errorf("consul kv put %s: the transaction's answer lacks %s", folder, versionKey)
+}
+
+// Restore puts back in one transaction what a route's folder held before a write (prev, nil for no
+// route), but only if the folder is still as that write left it (check-and-set on the version
+// Write returned): a newer write by another replica is never undone. It reports whether it restored.
+func (s *Store) Restore(ctx context.Context, service string, prev *route.Route, version uint64) (bool, error) {
+	if err := checkServiceName(service); err != nil {
+		return false, err
+	}
+	folder := s.folder(service)
+	check := &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: folder + versionKey}
+	if version != 0 {
+		check = &api.KVTxnOp{Verb: api.KVCheckIndex, Key: folder + versionKey, Index: version}
+	}
+	ops := api.TxnOps{{KV: check}}
+	if prev == nil {
+		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}})
+	} else {
+		ops = append(ops, putOps(folder, *prev)...)
+	}
+	_, err := s.txn(ctx, ops)
+	var rb *rolledBack
+	switch {
+	case errors.As(err, &rb) && rb.op == 0:
+		return false, nil // the folder changed since: the newer write stays
+	case err != nil:
+		return false, fmt.Errorf("consul kv restore %s: %w", folder, err)
+	}
+	return true, nil
+}
+
+func putOps(folder string, r route.Route) api.TxnOps {
 	kv := r.KV()
 	keys := make([]string, 0, len(kv))
 	for k := range kv {
@@ -93,23 +164,7 @@ func (s *Store) Put(ctx context.Context, r route.Route) error {
 	for _, k := range keys {
 		ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVSet, Key: folder + k, Value: []byte(kv[k])}})
 	}
-	if err := s.txn(ctx, ops); err != nil {
-		return fmt.Errorf("consul kv put %s: %w", folder, err)
-	}
-	return nil
-}
-
-// Delete removes a route's folder in one transaction. Deleting a route that does not exist is not
-// an error. The folder is deleted with its trailing slash: deleting "books" leaves "books-ms".
-func (s *Store) Delete(ctx context.Context, service string) error {
-	if err := checkServiceName(service); err != nil {
-		return err
-	}
-	folder := s.folder(service)
-	if err := s.txn(ctx, api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}}}); err != nil {
-		return fmt.Errorf("consul kv delete %s: %w", folder, err)
-	}
-	return nil
+	return ops
 }
 
 func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, error) {
@@ -122,23 +177,39 @@ func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, error) {
 	return pairs, err
 }
 
-func (s *Store) txn(ctx context.Context, ops api.TxnOps) error {
-	return s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
+// rolledBack is a transaction that Consul refused: op is the index of the first failed operation.
+type rolledBack struct {
+	op    int
+	whats []string
+}
+
+func (e *rolledBack) Error() string {
+	return "transaction rolled back: " + strings.Join(e.whats, "; ")
+}
+
+func (s *Store) txn(ctx context.Context, ops api.TxnOps) (*api.TxnResponse, error) {
+	var out *api.TxnResponse
+	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		ok, resp, _, err := a.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
 		if err != nil {
 			return err
 		}
 		if !ok {
-			var whats []string
+			rb := &rolledBack{op: -1}
 			if resp != nil {
 				for _, e := range resp.Errors {
-					whats = append(whats, fmt.Sprintf("op %d: %s", e.OpIndex, e.What))
+					if rb.op < 0 {
+						rb.op = e.OpIndex
+					}
+					rb.whats = append(rb.whats, fmt.Sprintf("op %d: %s", e.OpIndex, e.What))
 				}
 			}
-			return fmt.Errorf("transaction rolled back: %s", strings.Join(whats, "; "))
+			return rb
 		}
+		out = resp
 		return nil
 	})
+	return out, err
 }
 
 // folders groups KV pairs by route folder: <prefix>/<service>/<key> gives folders[service][key].

@@ -280,3 +280,56 @@ func TestStore(t *testing.T) {
 		}
 	})
 }
+
+// Restore is a check-and-set: it undoes a write only while the folder is as that write left it.
+func TestStoreRestoreNeverUndoesANewerWrite(t *testing.T) {
+	t.Parallel()
+	agent := testenv.StartConsul(t)
+	c, _ := newClient(t, agent.Addr)
+	ctx := testContext(t)
+	s := NewStore(c, "docker-flow")
+	mine := route.Route{ServiceName: "svc", ServicePath: []string{"/mine"}, PathType: route.PathBeg}
+	theirs := route.Route{ServiceName: "svc", ServicePath: []string{"/theirs"}, PathType: route.PathBeg}
+	old := route.Route{ServiceName: "svc", ServicePath: []string{"/old"}, PathType: route.PathBeg}
+	path := func() string {
+		r, ok, err := s.Get(ctx, "svc")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			return "(none)"
+		}
+		return r.ServicePath[0]
+	}
+	for _, tc := range []struct {
+		name     string
+		before   *route.Route // the folder before my write
+		write    *route.Route // my write
+		other    *route.Route // another replica's write after mine, if any
+		restored bool
+		want     string
+	}{
+		{"put undone", &old, &mine, nil, true, "/old"},
+		{"put over nothing undone", nil, &mine, nil, true, "(none)"},
+		{"put then theirs kept", &old, &mine, &theirs, false, "/theirs"},
+		{"delete undone", &old, nil, nil, true, "/old"},
+		{"delete then theirs kept", &old, nil, &theirs, false, "/theirs"},
+	} {
+		if _, err := s.Write(ctx, "svc", tc.before); err != nil {
+			t.Fatal(err)
+		}
+		v, err := s.Write(ctx, "svc", tc.write)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.other != nil {
+			if _, err := s.Write(ctx, "svc", tc.other); err != nil {
+				t.Fatal(err)
+			}
+		}
+		restored, err := s.Restore(ctx, "svc", tc.before, v)
+		if err != nil || restored != tc.restored || path() != tc.want {
+			t.Errorf("%s: Restore = %v, %v; folder holds %s; want %v and %s", tc.name, restored, err, path(), tc.restored, tc.want)
+		}
+	}
+}

@@ -25,8 +25,10 @@ type Catalog interface {
 // Store is the route table in Consul KV.
 type Store interface {
 	List(ctx context.Context) ([]route.Route, []error, error)
-	Put(ctx context.Context, r route.Route) error
-	Delete(ctx context.Context, service string) error
+	// Write puts a route (r != nil) or deletes it in one transaction and returns the version it
+	// left; Restore puts back prev if the folder still holds that version (check-and-set).
+	Write(ctx context.Context, service string, r *route.Route) (uint64, error)
+	Restore(ctx context.Context, service string, prev *route.Route, version uint64) (bool, error)
 }
 
 // HAProxy validates and applies configs. An HAProxy that also has UpdateServers (serverUpdater), as
@@ -233,8 +235,10 @@ type change struct {
 
 	instances []route.Instance
 
-	// Filled in while the change is applied: the route with its instances and templates.
+	// Filled in while the change is applied: the route with its instances and templates, and the
+	// version of KV's folder it wrote.
 	backend route.Backend
+	version uint64
 	existed bool
 	old     route.Backend
 }
@@ -578,18 +582,22 @@ func (p *Proxy) nextLocked(changes []*change) map[string]route.Backend {
 }
 
 func (p *Proxy) write(ctx context.Context, c *change) error {
-	if c.route == nil {
-		return p.store.Delete(ctx, c.service)
-	}
-	return p.store.Put(ctx, *c.route)
+	var err error
+	c.version, err = p.store.Write(ctx, c.service, c.route)
+	return err
 }
 
-// restore puts back in KV what a change replaced.
+// restore puts back in KV what a change replaced, unless another replica wrote the route since.
 func (p *Proxy) restore(ctx context.Context, c *change) error {
+	var prev *route.Route
 	if c.existed {
-		return p.store.Put(ctx, c.old.Route)
+		prev = &c.old.Route
 	}
-	return p.store.Delete(ctx, c.service)
+	restored, err := p.store.Restore(ctx, c.service, prev, c.version)
+	if err == nil && !restored {
+		p.log.Info("not restoring a route in KV: another replica wrote it since", "service", c.service)
+	}
+	return err
 }
 
 func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
