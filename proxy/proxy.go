@@ -21,6 +21,41 @@ type Catalog interface {
 	Instances(ctx context.Context, service string) ([]route.Instance, error)
 }
 
+// bulkCatalog is a Catalog that also lists the instances of many services with a number of
+// requests that does not depend on their number. The controller uses it when it reads every
+// route's instances (Load, Reload with recreate).
+type bulkCatalog interface {
+	InstancesOf(ctx context.Context, services []string) (map[string][]route.Instance, error)
+}
+
+// instancesOf reads the instances of every route of routes: in one bulk read when the catalog has
+// it and more than one route is read, otherwise one read per route.
+func (p *Proxy) instancesOf(ctx context.Context, routes []route.Route) (map[string][]route.Instance, error) {
+	out := make(map[string][]route.Instance, len(routes))
+	if bc, ok := p.catalog.(bulkCatalog); ok && len(routes) > 1 {
+		names := make([]string, len(routes))
+		for i, r := range routes {
+			names[i] = r.ConsulService()
+		}
+		m, err := bc.InstancesOf(ctx, names)
+		if err != nil {
+			return nil, fmt.Errorf("load instances of %d services: %w: %w", len(names), ErrConsul, err)
+		}
+		for _, n := range names {
+			out[n] = m[n]
+		}
+		return out, nil
+	}
+	for _, r := range routes {
+		inst, err := p.catalog.Instances(ctx, r.ConsulService())
+		if err != nil {
+			return nil, fmt.Errorf("load instances of %s: %w: %w", r.ConsulService(), ErrConsul, err)
+		}
+		out[r.ConsulService()] = inst
+	}
+	return out, nil
+}
+
 // Store is the route table in Consul KV.
 type Store interface {
 	List(ctx context.Context) ([]route.Route, []error, error)
@@ -82,13 +117,13 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	for _, e := range bad {
 		p.log.Warn("skipping a route in KV that is not valid", "error", e)
 	}
+	instances, err := p.instancesOf(ctx, routes)
+	if err != nil {
+		return nil, err
+	}
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
-		inst, err := p.catalog.Instances(ctx, r.ConsulService())
-		if err != nil {
-			return nil, fmt.Errorf("load instances of %s: %w: %w", r.ConsulService(), ErrConsul, err)
-		}
-		backends[r.ServiceName] = route.Backend{Route: r, Instances: inst}
+		backends[r.ServiceName] = route.Backend{Route: r, Instances: instances[r.ConsulService()]}
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -313,10 +348,26 @@ func sortedNames(m map[string]route.Route) []string {
 // instances, validate the config (nothing written yet), write KV, reload. If the reload fails, KV
 // is put back and the old config keeps serving.
 func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
+	// The instances of many routes (a Reload with recreate) are read at once.
+	var bulk map[string][]route.Instance
+	var bulkErr error
+	var toRead []route.Route
+	for _, c := range batch {
+		if c.route != nil && !c.instancesOnly {
+			toRead = append(toRead, *c.route)
+		}
+	}
+	if _, ok := p.catalog.(bulkCatalog); ok && len(toRead) > 1 {
+		bulk, bulkErr = p.instancesOf(ctx, toRead)
+	}
 	var ready []*change
 	for _, c := range batch {
 		if c.route != nil && !c.instancesOnly {
-			inst, err := p.catalog.Instances(ctx, c.route.ConsulService())
+			inst, ok := bulk[c.route.ConsulService()]
+			err := bulkErr
+			if !ok && err == nil {
+				inst, err = p.catalog.Instances(ctx, c.route.ConsulService())
+			}
 			if err != nil {
 				c.done <- fmt.Errorf("read instances of %s: %w: %w", c.route.ConsulService(), ErrConsul, err)
 				continue
