@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -255,7 +256,8 @@ func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst []route.Instance) error {
 	var cs []*change
 	for _, b := range p.Routes() {
-		if b.Route.ConsulService() == consulService {
+		// A list equal to the one served (the first report of a watch after Load) changes nothing.
+		if b.Route.ConsulService() == consulService && !slices.Equal(b.Instances, inst) {
 			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
 				instances: inst, done: make(chan error, 1)})
 		}
