@@ -29,8 +29,8 @@ const (
 	// retrying every second cost Consul nothing).
 	watchBackoffMin = 250 * time.Millisecond
 	watchBackoffMax = time.Second
-	// watchRetryTimeout bounds the first attempt of a read after a failure, doubling (up to the
-	// client's request timeout) while attempts time out. A Consul that is starting accepts
+	// watchRetryTimeout bounds the attempts of a read after a failure (growing slowly while
+	// attempts time out). A Consul that is starting accepts
 	// connections before it serves them: a read sent then may hang until the request timeout, long
 	// after Consul answers the next one.
 	watchRetryTimeout = time.Second
@@ -274,20 +274,23 @@ type source[T any] struct {
 // answer it only when the client gives up; a read sent a moment later is answered at once.
 func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 	var (
-		index        uint64
-		last         T
-		known        bool // last was reported
-		failed       bool // the last read failed
-		backoff      = w.timing.backoffMin
-		retryTimeout = w.timing.retryTimeout
+		index    uint64
+		last     T
+		known    bool // last was reported
+		failed   bool // the last read failed
+		backoff  = w.timing.backoffMin
+		timeouts int // attempts in a row that timed out, after a failure
 	)
 	for {
 		started := time.Now()
 		fctx, cancel := ctx, context.CancelFunc(func() {})
 		if failed {
 			// Consul may accept the connection and not answer (while it starts): this attempt
-			// gives up early, and the next one comes at once.
-			fctx, cancel = context.WithTimeout(ctx, retryTimeout)
+			// gives up early, and the next one comes at once. The limit grows by one retry
+			// timeout every 8 attempts in a row that time out (up to the client's request
+			// timeout), so that a read that is merely slow (a huge catalog) still succeeds.
+			limit := min(w.timing.retryTimeout*time.Duration(1+timeouts/8), w.c.timeout)
+			fctx, cancel = context.WithTimeout(ctx, limit)
 		}
 		v, next, err := src.fetch(fctx, index)
 		timedOut := failed && fctx.Err() != nil
@@ -296,20 +299,24 @@ func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 			return
 		}
 		if err != nil {
+			if timedOut && !errors.Is(err, ErrUnavailable) {
+				err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+			}
 			wake := w.failed(wt, err)
 			failed = true
 			index = 0
 			if timedOut {
-				retryTimeout = min(2*retryTimeout, w.c.timeout)
+				timeouts++
 				continue
 			}
+			timeouts = 0
 			if !pause(ctx, jitter(backoff), wake) {
 				return
 			}
 			backoff = min(2*backoff, w.timing.backoffMax)
 			continue
 		}
-		backoff, retryTimeout = w.timing.backoffMin, w.timing.retryTimeout
+		backoff, timeouts = w.timing.backoffMin, 0
 		if !known || failed || !src.same(last, v) {
 			src.deliver(wt, v, next, failed || next < index)
 			last, known = v, true
