@@ -29,6 +29,11 @@ const (
 	// retrying every second cost Consul nothing).
 	watchBackoffMin = 250 * time.Millisecond
 	watchBackoffMax = time.Second
+	// watchRetryTimeout bounds the attempts of a read after a failure (growing slowly while
+	// attempts time out). A Consul that is starting accepts
+	// connections before it serves them: a read sent then may hang until the request timeout, long
+	// after Consul answers the next one.
+	watchRetryTimeout = time.Second
 	// updatesBuffer is the capacity of the Updates channel.
 	updatesBuffer = 16
 )
@@ -46,24 +51,30 @@ type Update struct {
 	Routes        []route.Route
 	// Err, when set, says Consul could not be read (the watcher keeps retrying, and keeps what it
 	// knew); Since is when the outage began. Consul is readable again when an update without Err
-	// follows the last one with Err: once the outage is over, every watch that failed reports its
-	// current state, even an unchanged one.
+	// follows the last one with Err: once the outage is over, the route table is reported, even
+	// unchanged, and so is every service whose instances differ from the list reported last.
 	Err   error
 	Since time.Time
 }
 
 // watchTiming is the watcher's pace; tests shorten it.
 type watchTiming struct {
-	wait       time.Duration // of a blocking query
-	minDelay   time.Duration // between two queries of one watch whose index did not move forward
-	backoffMin time.Duration // after a failure, doubling up to backoffMax
-	backoffMax time.Duration
+	wait         time.Duration // of a blocking query
+	minDelay     time.Duration // between two queries of one watch whose index did not move forward
+	backoffMin   time.Duration // after a failure, doubling up to backoffMax
+	backoffMax   time.Duration
+	retryTimeout time.Duration // of the first attempt after a failure (see watchRetryTimeout)
 }
 
 // Watcher follows, with blocking queries, the instances of a set of services and the route table's
 // KV prefix, and reports their changes on Updates. It never gives up: a failed read is retried with
 // backoff and reported as an outage, and what it knew is kept; when Consul answers again it reports
 // the current state. Queries go through the Client, so they fail over between its agents.
+//
+// The instances come from a watch of the whole catalog (catalogwatch.go) whose number of blocking
+// queries does not depend on the number of services followed: one on the node list, one per node
+// on its services, one on every health check. A service is reported when its instance list
+// differs from the one reported last.
 //
 // Updates are sent by one goroutine from a queue that keeps only the latest state of each service
 // and of the route table: a slow consumer delays updates but loses none, and never blocks the
@@ -80,11 +91,11 @@ type Watcher struct {
 
 	mu       sync.Mutex
 	ran      bool
-	runCtx   context.Context   // while Run runs; nil otherwise
-	wg       sync.WaitGroup    // the goroutines that Run starts
-	services map[string]bool   // the services to follow, as Services set them
-	watches  map[string]*watch // the running watches of services
-	routes   *watch            // the running watch of the route table
+	runCtx   context.Context // while Run runs; nil otherwise
+	wg       sync.WaitGroup  // the goroutines that Run starts
+	services map[string]bool // the services to follow, as Services set them
+	cat      catalogWatch    // the watch of the catalog
+	routes   *watch          // the running watch of the route table
 	pending  map[updateKey]Update
 	order    []updateKey // of pending, least recently queued first
 
@@ -109,6 +120,7 @@ const (
 	kindService updateKind = iota
 	kindRoutes
 	kindOutage
+	kindCatalog // a watch of the catalog: it never reports by itself
 )
 
 // watch is one running blocking-query loop.
@@ -131,15 +143,16 @@ func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logge
 		filter: filter,
 		logger: logger,
 		timing: watchTiming{
-			wait:       watchWait,
-			minDelay:   watchMinDelay,
-			backoffMin: watchBackoffMin,
-			backoffMax: watchBackoffMax,
+			wait:         watchWait,
+			minDelay:     watchMinDelay,
+			backoffMin:   watchBackoffMin,
+			backoffMax:   watchBackoffMax,
+			retryTimeout: watchRetryTimeout,
 		},
 		updates:  make(chan Update, updatesBuffer),
 		notify:   make(chan struct{}, 1),
 		services: map[string]bool{},
-		watches:  map[string]*watch{},
+		cat:      newCatalogWatch(),
 		pending:  map[updateKey]Update{},
 		failing:  map[*watch]bool{},
 		wake:     make(chan struct{}),
@@ -149,10 +162,10 @@ func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logge
 // Updates returns the channel of updates. It is closed when Run returns.
 func (w *Watcher) Updates() <-chan Update { return w.updates }
 
-// Services sets the Consul services to follow (the routed ones). The watches of services no longer
-// listed stop (their blocking query is cancelled and their queued update dropped; one already on
-// the channel may still arrive); new ones start and first report their current instances. Invalid
-// names are logged and skipped. Safe to call at any time, before Run too.
+// Services sets the Consul services to follow (the routed ones). A service no longer listed is
+// forgotten (its queued update is dropped; one already on the channel may still arrive); a new one
+// first reports its current instances, as soon as the catalog has been read. Invalid names are
+// logged and skipped. Safe to call at any time, before Run too. It costs no Consul query.
 func (w *Watcher) Services(names []string) {
 	want := make(map[string]bool, len(names))
 	for _, name := range names {
@@ -164,10 +177,14 @@ func (w *Watcher) Services(names []string) {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.services = want
-	if w.runCtx != nil {
-		w.reconcileLocked()
+	for name := range w.services {
+		if !want[name] {
+			w.cat.forget(name)
+			w.dequeueLocked(updateKey{kind: kindService, service: name})
+		}
 	}
+	w.services = want
+	w.cat.signal()
 }
 
 // Run watches until ctx ends, then stops every watch, waits for its goroutines, closes the Updates
@@ -193,7 +210,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		w.routes = w.startLocked(updateKey{kind: kindRoutes}, "kv "+w.store.Prefix()+"/",
 			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, w.routeSource()) })
 	}
-	w.reconcileLocked()
+	w.startCatalogLocked()
 	w.wg.Go(func() { w.send(runCtx) })
 	w.mu.Unlock()
 
@@ -201,10 +218,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 
 	w.mu.Lock()
 	w.runCtx = nil
-	for name, wt := range w.watches {
-		w.stopLocked(wt)
-		delete(w.watches, name)
-	}
+	w.stopCatalogLocked()
 	if w.routes != nil {
 		w.stopLocked(w.routes)
 		w.routes = nil
@@ -214,23 +228,6 @@ func (w *Watcher) Run(ctx context.Context) error {
 	w.wg.Wait()
 	close(w.updates)
 	return nil
-}
-
-// reconcileLocked starts and stops service watches to match w.services. w.mu is held and Run runs.
-func (w *Watcher) reconcileLocked() {
-	for name, wt := range w.watches {
-		if !w.services[name] {
-			w.stopLocked(wt)
-			delete(w.watches, name)
-		}
-	}
-	for name := range w.services {
-		if w.watches[name] != nil {
-			continue
-		}
-		w.watches[name] = w.startLocked(updateKey{kind: kindService, service: name}, "service "+name,
-			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, w.serviceSource(name)) })
-	}
 }
 
 // startLocked runs loop in a goroutine, under a context that stopLocked or the end of Run cancels.
@@ -258,11 +255,13 @@ func (w *Watcher) stopLocked(wt *watch) {
 }
 
 // source is what one watch reads: fetch runs one (blocking) query from index and returns the
-// content and Consul's new index; same compares two contents; update makes the report of one.
+// content and Consul's new index; same compares two contents; deliver takes a content that
+// differs from the last one delivered, and any content read after a failure or after the index
+// went backwards (reset: its index may be lower than the last one delivered).
 type source[T any] struct {
-	fetch  func(ctx context.Context, index uint64) (T, uint64, error)
-	same   func(a, b T) bool
-	update func(T) Update
+	fetch   func(ctx context.Context, index uint64) (T, uint64, error)
+	same    func(a, b T) bool
+	deliver func(wt *watch, v T, index uint64, reset bool)
 }
 
 // follow runs the blocking queries of one watch until ctx ends, and reports each content that
@@ -270,34 +269,56 @@ type source[T any] struct {
 // It follows Consul's advice on blocking queries: the index is reset to 0 when it goes backwards
 // (and after a failure, since a restarted Consul starts over from a lower index, and a query from
 // the old one would wait for the whole wait time), an index of 0 is replaced by 1, and queries
-// whose index did not move forward are spaced by the minimum delay.
+// whose index did not move forward are spaced by the minimum delay. The first attempt after a
+// failure is bounded by the retry timeout: a Consul that is starting may accept a request and
+// answer it only when the client gives up; a read sent a moment later is answered at once.
 func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 	var (
-		index   uint64
-		last    T
-		known   bool // last was reported
-		failed  bool // the last read failed
-		backoff = w.timing.backoffMin
+		index    uint64
+		last     T
+		known    bool // last was reported
+		failed   bool // the last read failed
+		backoff  = w.timing.backoffMin
+		timeouts int // attempts in a row that timed out, after a failure
 	)
 	for {
 		started := time.Now()
-		v, next, err := src.fetch(ctx, index)
+		fctx, cancel := ctx, context.CancelFunc(func() {})
+		if failed {
+			// Consul may accept the connection and not answer (while it starts): this attempt
+			// gives up early, and the next one comes at once. The limit grows by one retry
+			// timeout every 8 attempts in a row that time out (up to the client's request
+			// timeout), so that a read that is merely slow (a huge catalog) still succeeds.
+			limit := min(w.timing.retryTimeout*time.Duration(1+timeouts/8), w.c.timeout)
+			fctx, cancel = context.WithTimeout(ctx, limit)
+		}
+		v, next, err := src.fetch(fctx, index)
+		timedOut := failed && fctx.Err() != nil
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
 		if err != nil {
+			if timedOut && !errors.Is(err, ErrUnavailable) {
+				err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+			}
 			wake := w.failed(wt, err)
 			failed = true
 			index = 0
+			if timedOut {
+				timeouts++
+				continue
+			}
+			timeouts = 0
 			if !pause(ctx, jitter(backoff), wake) {
 				return
 			}
 			backoff = min(2*backoff, w.timing.backoffMax)
 			continue
 		}
-		backoff = w.timing.backoffMin
+		backoff, timeouts = w.timing.backoffMin, 0
 		if !known || failed || !src.same(last, v) {
-			w.report(wt, src.update(v))
+			src.deliver(wt, v, next, failed || next < index)
 			last, known = v, true
 		} else {
 			w.logger.Debug("consul watch: woke up, nothing changed", "watch", wt.name, "index", next)
@@ -376,30 +397,6 @@ func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Clie
 	return last, err
 }
 
-// serviceSource reads the instances of one service.
-func (w *Watcher) serviceSource(service string) source[[]route.Instance] {
-	f := w.filter
-	return source[[]route.Instance]{
-		fetch: func(ctx context.Context, index uint64) ([]route.Instance, uint64, error) {
-			var entries []*api.ServiceEntry
-			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
-				var meta *api.QueryMeta
-				var err error
-				entries, meta, err = a.Health().Service(service, "", f == HealthPassing, q)
-				return meta, err
-			})
-			if err != nil {
-				return nil, 0, fmt.Errorf("consul watch health service %s: %w", service, err)
-			}
-			return w.c.instancesFrom(service, f, entries), last, nil
-		},
-		same: slices.Equal[[]route.Instance],
-		update: func(in []route.Instance) Update {
-			return Update{Service: service, Instances: in}
-		},
-	}
-}
-
 // routeSource reads the route table. Folders that are not valid routes are logged when the set of
 // them changes, not at every wake-up.
 func (w *Watcher) routeSource() source[[]route.Route] {
@@ -433,8 +430,8 @@ func (w *Watcher) routeSource() source[[]route.Route] {
 		same: func(a, b []route.Route) bool {
 			return slices.EqualFunc(a, b, route.Route.Equal)
 		},
-		update: func(rs []route.Route) Update {
-			return Update{RoutesChanged: true, Routes: rs}
+		deliver: func(wt *watch, rs []route.Route, _ uint64, _ bool) {
+			w.report(wt, Update{RoutesChanged: true, Routes: rs})
 		},
 	}
 }

@@ -301,11 +301,12 @@ func TestWatcherServices(t *testing.T) {
 	r.w.Services([]string{"beta"})
 	r.waitFor(t, 5*time.Second, "of beta, empty", instancesOf("beta"))
 	r.w.mu.Lock()
-	running := len(r.w.watches)
-	_, alpha := r.w.watches["alpha"]
+	nodeWatches := len(r.w.cat.nodeWs)
+	_, alpha := r.w.cat.emitted["alpha"]
 	r.w.mu.Unlock()
-	if running != 1 || alpha {
-		t.Errorf("%d watches run (alpha among them: %v), want beta's only", running, alpha)
+	// Following another service costs no query: the catalog's watches stay as they were.
+	if nodeWatches != 1 || alpha {
+		t.Errorf("%d watches of node services (want the agent's node's only), alpha still known: %v", nodeWatches, alpha)
 	}
 
 	agent.RegisterService("alpha", "alpha-1", "10.0.0.1", 80)
@@ -474,7 +475,10 @@ func TestWatcherStops(t *testing.T) {
 	}
 	r.w.Services([]string{"late"}) // after Run: recorded, nothing starts
 	r.w.mu.Lock()
-	running := len(r.w.watches)
+	running := len(r.w.cat.nodeWs)
+	if r.w.cat.nodesW != nil || r.w.cat.checksW != nil {
+		running++
+	}
 	r.w.mu.Unlock()
 	if running != 0 {
 		t.Errorf("%d watches run after Run returned", running)
@@ -496,8 +500,10 @@ func TestWatcherInvalidFilter(t *testing.T) {
 	}
 }
 
-// fakeHealth is a fake agent: a leader, and a health endpoint that answers with script, given the
-// number of the request (from 0) and its index.
+// fakeHealth is a fake agent: a leader, an empty node list that never changes, and a checks
+// endpoint (/v1/health/state/any) that answers with script, given the number of the request
+// (from 0) and its index. It stands for Consul answering indexes that a real one rarely does
+// (backwards, zero, unchanged).
 type fakeHealth struct {
 	mu       sync.Mutex
 	requests []fakeRequest
@@ -516,7 +522,19 @@ func (f *fakeHealth) start(t *testing.T, script func(r *http.Request, n int, ind
 			_, _ = w.Write([]byte(`"127.0.0.1:8300"`))
 			return
 		}
-		if !strings.HasPrefix(r.URL.Path, "/v1/health/service/") {
+		if r.URL.Path == "/v1/catalog/nodes" {
+			if wait, err := time.ParseDuration(r.URL.Query().Get("wait")); err == nil {
+				select { // nothing changes: the wait ends
+				case <-time.After(wait):
+				case <-r.Context().Done():
+					return
+				}
+			}
+			w.Header().Set("X-Consul-Index", "3")
+			_, _ = w.Write([]byte(`[]`))
+			return
+		}
+		if r.URL.Path != "/v1/health/state/any" {
 			http.NotFound(w, r)
 			return
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
@@ -27,8 +28,9 @@ func (p *Proxy) SetTemplates(t Templates) {
 	p.templates = t
 }
 
-// backendOf reads the instances of every Consul service a route uses and renders its templates.
-func (p *Proxy) backendOf(ctx context.Context, r route.Route) (route.Backend, error) {
+// backendOf reads the instances of every Consul service a route uses (those in known are read
+// already) and renders its templates.
+func (p *Proxy) backendOf(ctx context.Context, r route.Route, known map[string][]route.Instance) (route.Backend, error) {
 	be := route.Backend{Route: r}
 	if inst, ok := p.staticInstances(r.ServiceName); ok {
 		for _, svc := range r.ConsulServices() {
@@ -40,6 +42,10 @@ func (p *Proxy) backendOf(ctx context.Context, r route.Route) (route.Backend, er
 		return be, nil
 	}
 	for _, svc := range r.ConsulServices() {
+		if inst, ok := known[svc]; ok {
+			be.SetInstances(svc, inst)
+			continue
+		}
 		inst, err := p.catalog.Instances(ctx, svc)
 		if p.consul(OpReadInstances, err) != nil {
 			return be, fmt.Errorf("read instances of %s: %w: %w", svc, ErrConsul, err)
@@ -110,6 +116,19 @@ func (p *Proxy) refreshTemplatesLocked(ctx context.Context, batch []*change, nex
 		}
 		next[c.service] = fresh
 	}
+}
+
+// sameInstances reports whether a route serves exactly inst as the instances of consulService.
+func sameInstances(b route.Backend, consulService string, inst []route.Instance) bool {
+	if consulService == b.Route.ConsulService() && !slices.Equal(b.Instances, inst) {
+		return false
+	}
+	for _, d := range b.Route.Destinations() {
+		if d.Port != 0 && b.Route.ConsulServiceFor(d) == consulService && !slices.Equal(b.PortInstances[d.Port], inst) {
+			return false
+		}
+	}
+	return true
 }
 
 // checkPortsLocked refuses a table whose TCP and SNI destinations clash over a source port.

@@ -22,6 +22,43 @@ type Catalog interface {
 	Instances(ctx context.Context, service string) ([]route.Instance, error)
 }
 
+// bulkCatalog is a Catalog that also lists the instances of many services with a number of
+// requests that does not depend on their number. The controller uses it when it reads every
+// route's instances (Load, Reload with recreate).
+type bulkCatalog interface {
+	InstancesOf(ctx context.Context, services []string) (map[string][]route.Instance, error)
+}
+
+// instancesOf reads, in one bulk read, the instances of every Consul service the routes use (those
+// whose instances the environment lists aside), when the catalog can and more than one service is
+// read. Otherwise it returns nothing, and backendOf reads each service on its own.
+func (p *Proxy) instancesOf(ctx context.Context, routes []route.Route) (map[string][]route.Instance, error) {
+	bc, ok := p.catalog.(bulkCatalog)
+	if !ok {
+		return nil, nil
+	}
+	var names []string
+	for _, r := range routes {
+		if _, fixed := p.staticInstances(r.ServiceName); !fixed {
+			names = append(names, r.ConsulServices()...)
+		}
+	}
+	sort.Strings(names)
+	names = slices.Compact(names)
+	if len(names) < 2 {
+		return nil, nil
+	}
+	m, err := bc.InstancesOf(ctx, names)
+	if p.consul(OpReadInstances, err) != nil {
+		return nil, fmt.Errorf("load instances of %d services: %w: %w", len(names), ErrConsul, err)
+	}
+	out := make(map[string][]route.Instance, len(names))
+	for _, n := range names {
+		out[n] = m[n]
+	}
+	return out, nil
+}
+
 // Store is the route table in Consul KV.
 type Store interface {
 	List(ctx context.Context) ([]route.Route, []error, error)
@@ -130,9 +167,13 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 		p.log.Warn("skipping a route in KV that is not valid", "error", e)
 	}
 	routes = p.withStatic(routes)
+	known, err := p.instancesOf(ctx, routes)
+	if err != nil {
+		return nil, err
+	}
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
-		be, err := p.backendOf(ctx, r)
+		be, err := p.backendOf(ctx, r, known)
 		var pe *route.ParamError
 		if errors.As(err, &pe) {
 			p.log.Warn("skipping a route whose templates do not render", "service", r.ServiceName, "error", err)
@@ -291,7 +332,8 @@ func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst 
 		if _, fixed := p.staticInstances(b.Route.ServiceName); fixed {
 			continue // its instances are listed in the environment, not followed in the catalog
 		}
-		if slices.Contains(b.Route.ConsulServices(), consulService) {
+		// A list equal to the one served (the first report of a watch after Load) changes nothing.
+		if slices.Contains(b.Route.ConsulServices(), consulService) && !sameInstances(b, consulService, inst) {
 			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
 				consulService: consulService, instances: inst, done: make(chan error, 1)})
 		}
@@ -385,10 +427,25 @@ func sortedNames(m map[string]route.Route) []string {
 // instances, validate the config (nothing written yet), write KV, reload. If the reload fails, KV
 // is put back and the old config keeps serving.
 func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
+	// The instances of many routes (a Reload with recreate) are read at once.
+	var bulk map[string][]route.Instance
+	var bulkErr error
+	var toRead []route.Route
+	for _, c := range batch {
+		if c.route != nil && !c.instancesOnly {
+			toRead = append(toRead, *c.route)
+		}
+	}
+	if _, ok := p.catalog.(bulkCatalog); ok && len(toRead) > 1 {
+		bulk, bulkErr = p.instancesOf(ctx, toRead)
+	}
 	var ready []*change
 	for _, c := range batch {
 		if c.route != nil && !c.instancesOnly {
-			be, err := p.backendOf(ctx, *c.route)
+			be, err := route.Backend{}, bulkErr
+			if bulkErr == nil {
+				be, err = p.backendOf(ctx, *c.route, bulk)
+			}
 			if err != nil {
 				c.done <- err
 				continue

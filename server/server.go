@@ -295,6 +295,11 @@ func (f catalogFilter) Instances(ctx context.Context, service string) ([]route.I
 	return f.c.Instances(ctx, service, f.filter)
 }
 
+// InstancesOf reads the instances of many services at once (the controller's bulk read).
+func (f catalogFilter) InstancesOf(ctx context.Context, services []string) (map[string][]route.Instance, error) {
+	return f.c.InstancesOf(ctx, services, f.filter)
+}
+
 // PutCert validates a certificate (chain and private key, PEM), stores it in KV under
 // <instance>-certs/<name>, writes it to the certificates folder and makes HAProxy serve it with a
 // validated reload. name is a file name (route.CertName). On any failure the folder and KV are

@@ -1,0 +1,295 @@
+package consul
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// The watch of the catalog follows every service instance with a number of blocking queries that
+// does not depend on the number of services:
+//
+//   - /v1/catalog/nodes: the node list (one node per Docker host, so few);
+//   - /v1/catalog/node-services/<node>, one per node: every service instance on the node, with its
+//     address and port;
+//   - /v1/health/state/any: every health check, of nodes and of services.
+//
+// From these it computes the instances of each followed service exactly as Client.Instances does
+// (the entries of /v1/health/service/<name> are rebuilt: the node's checks and the instance's own
+// apply to it) and reports the services whose list changed.
+//
+// The two kinds of read are not one snapshot. A registration writes a service and its checks in
+// one transaction, and a deregistration removes both; read apart, a new instance whose check is
+// critical could look healthy (its service read, not yet its check), and so could an instance
+// being deregistered (its checks gone, not yet its service). Two rules keep every computed state
+// one that Consul held: after services were added or changed at index I, the checks are used only
+// once read at an index >= I, or read again; after checks of a node vanished at index I, that
+// node's services are used only once read at an index >= I, or read again. Consul answers reads
+// from the leader (the default consistency mode), so a read sent later sees a state at least as new.
+
+// serviceState is one service instance of a node, as the catalog lists it.
+type serviceState struct {
+	ID, Name, Address string
+	Port              int
+}
+
+// nodeServices is what /v1/catalog/node-services/<node> says of one node.
+type nodeServices struct {
+	address  string
+	services []serviceState // sorted by ID
+}
+
+func sameNodeServices(a, b nodeServices) bool {
+	return a.address == b.address && slices.Equal(a.services, b.services)
+}
+
+// checkState is one health check, as far as the health filter cares.
+type checkState struct {
+	Node, CheckID, ServiceID, Status string
+}
+
+func sortChecks(cs []checkState) {
+	sort.Slice(cs, func(i, j int) bool {
+		if cs[i].Node != cs[j].Node {
+			return cs[i].Node < cs[j].Node
+		}
+		return cs[i].CheckID < cs[j].CheckID
+	})
+}
+
+// catalogSnapshot is the catalog as read: the services of every node, and every check.
+type catalogSnapshot struct {
+	nodes  map[string]nodeServices
+	checks []checkState
+}
+
+// entries rebuilds, for each service of want, the answer of /v1/health/service/<name> (without the
+// passing filter): its instances on every node, each with the node's checks and its own.
+// Nodes and instances come in a fixed order.
+func (s catalogSnapshot) entries(want map[string]bool) map[string][]*api.ServiceEntry {
+	type key struct{ node, service string }
+	checks := make(map[key]api.HealthChecks, len(s.checks))
+	for _, c := range s.checks {
+		k := key{c.Node, c.ServiceID}
+		checks[k] = append(checks[k], &api.HealthCheck{Node: c.Node, CheckID: c.CheckID, ServiceID: c.ServiceID, Status: c.Status})
+	}
+	names := make([]string, 0, len(s.nodes))
+	for n := range s.nodes {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	out := make(map[string][]*api.ServiceEntry, len(want))
+	for _, n := range names {
+		ns := s.nodes[n]
+		node := &api.Node{Node: n, Address: ns.address}
+		nodeChecks := checks[key{n, ""}]
+		for _, svc := range ns.services {
+			if !want[svc.Name] {
+				continue
+			}
+			own := checks[key{n, svc.ID}]
+			all := make(api.HealthChecks, 0, len(nodeChecks)+len(own))
+			all = append(append(all, nodeChecks...), own...)
+			out[svc.Name] = append(out[svc.Name], &api.ServiceEntry{
+				Node:    node,
+				Service: &api.AgentService{ID: svc.ID, Service: svc.Name, Address: svc.Address, Port: svc.Port},
+				Checks:  all,
+			})
+		}
+	}
+	return out
+}
+
+// fingerprint sums up what the instance list of a service is computed from, so that a service
+// whose entries did not change is not computed (nor its invalid instances logged) again.
+func fingerprint(f HealthFilter, entries []*api.ServiceEntry) string {
+	var b strings.Builder
+	for _, e := range entries {
+		b.WriteString(e.Node.Node)
+		b.WriteByte(0)
+		b.WriteString(e.Service.ID)
+		b.WriteByte(0)
+		b.WriteString(e.Service.Address)
+		b.WriteByte(0)
+		b.WriteString(e.Node.Address)
+		b.WriteByte(0)
+		b.WriteString(strconv.Itoa(e.Service.Port))
+		b.WriteByte(0)
+		b.WriteString(strconv.FormatBool(f.keeps(e.Checks.AggregatedStatus())))
+		b.WriteByte(1)
+	}
+	return b.String()
+}
+
+// checkNodeName rejects a node name that would address another Consul path.
+func checkNodeName(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/?#%\\") ||
+		strings.ContainsFunc(name, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+		return fmt.Errorf("node name %q cannot be read through the HTTP API", name)
+	}
+	return nil
+}
+
+// readNodes reads the node names (sorted; invalid ones are logged and skipped).
+func (c *Client) readNodes(ctx context.Context, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) ([]string, uint64, error) {
+	var nodes []*api.Node
+	last, err := q(ctx, func(a *api.Client, o *api.QueryOptions) (*api.QueryMeta, error) {
+		var meta *api.QueryMeta
+		var err error
+		nodes, meta, err = a.Catalog().Nodes(o)
+		return meta, err
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("consul catalog nodes: %w", err)
+	}
+	names := make([]string, 0, len(nodes))
+	for _, n := range nodes {
+		if n == nil {
+			continue
+		}
+		if err := checkNodeName(n.Node); err != nil {
+			c.logger.Warn("consul: skipping a node", "error", err)
+			continue
+		}
+		names = append(names, n.Node)
+	}
+	sort.Strings(names)
+	return slices.Compact(names), last, nil
+}
+
+// readNodeServices reads the services of one node; a node Consul does not know has none.
+func readNodeServices(ctx context.Context, node string, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) (nodeServices, uint64, error) {
+	var list *api.CatalogNodeServiceList
+	last, err := q(ctx, func(a *api.Client, o *api.QueryOptions) (*api.QueryMeta, error) {
+		var meta *api.QueryMeta
+		var err error
+		list, meta, err = a.Catalog().NodeServiceList(node, o)
+		return meta, err
+	})
+	if err != nil {
+		return nodeServices{}, 0, fmt.Errorf("consul catalog node-services %s: %w", node, err)
+	}
+	var ns nodeServices
+	if list == nil || list.Node == nil {
+		return ns, last, nil
+	}
+	ns.address = list.Node.Address
+	ns.services = make([]serviceState, 0, len(list.Services))
+	for _, s := range list.Services {
+		if s == nil {
+			continue
+		}
+		ns.services = append(ns.services, serviceState{ID: s.ID, Name: s.Service, Address: s.Address, Port: s.Port})
+	}
+	sort.Slice(ns.services, func(i, j int) bool { return ns.services[i].ID < ns.services[j].ID })
+	return ns, last, nil
+}
+
+// readChecks reads every health check.
+func readChecks(ctx context.Context, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) ([]checkState, uint64, error) {
+	var hc api.HealthChecks
+	last, err := q(ctx, func(a *api.Client, o *api.QueryOptions) (*api.QueryMeta, error) {
+		var meta *api.QueryMeta
+		var err error
+		hc, meta, err = a.Health().State(api.HealthAny, o)
+		return meta, err
+	})
+	if err != nil {
+		return nil, 0, fmt.Errorf("consul health state any: %w", err)
+	}
+	out := make([]checkState, 0, len(hc))
+	for _, c := range hc {
+		if c == nil {
+			continue
+		}
+		out = append(out, checkState{Node: c.Node, CheckID: c.CheckID, ServiceID: c.ServiceID, Status: c.Status})
+	}
+	sortChecks(out)
+	return out, last, nil
+}
+
+// once runs one non-blocking read through the client's failover.
+func (c *Client) once(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+	var last uint64
+	err := c.do(ctx, func(ctx context.Context, a *api.Client) error {
+		meta, err := call(a, (&api.QueryOptions{}).WithContext(ctx))
+		if err == nil && meta != nil {
+			last = meta.LastIndex
+		}
+		return err
+	})
+	return last, err
+}
+
+// bulkReadAttempts bounds how many times InstancesOf reads the catalog again when checks changed
+// while it read the nodes' services.
+const bulkReadAttempts = 3
+
+// InstancesOf lists the instances of many services at once, each as Instances lists it (same
+// filter, validation, order), with a number of requests that does not depend on the number of
+// services: the node list, the services of each node, and every check. The result has an entry,
+// possibly empty, for every valid name of services; invalid names are an error.
+func (c *Client) InstancesOf(ctx context.Context, services []string, filter HealthFilter) (map[string][]route.Instance, error) {
+	f, err := ParseHealthFilter(string(filter))
+	if err != nil {
+		return nil, err
+	}
+	want := make(map[string]bool, len(services))
+	for _, s := range services {
+		if err := checkServiceName(s); err != nil {
+			return nil, err
+		}
+		want[s] = true
+	}
+	snap, err := c.readCatalog(ctx)
+	if err != nil {
+		return nil, err
+	}
+	entries := snap.entries(want)
+	out := make(map[string][]route.Instance, len(want))
+	for s := range want {
+		out[s] = c.instancesFrom(s, f, entries[s])
+	}
+	return out, nil
+}
+
+// readCatalog reads the whole catalog: the checks, the services of every node, then the checks
+// again. When the checks did not change meanwhile, no registration or deregistration that has
+// checks happened while the services were read, and the snapshot is one Consul held; otherwise it
+// reads again (a few times, then keeps the last read).
+func (c *Client) readCatalog(ctx context.Context) (catalogSnapshot, error) {
+	checks, before, err := readChecks(ctx, c.once)
+	if err != nil {
+		return catalogSnapshot{}, err
+	}
+	for attempt := 1; ; attempt++ {
+		names, _, err := c.readNodes(ctx, c.once)
+		if err != nil {
+			return catalogSnapshot{}, err
+		}
+		snap := catalogSnapshot{nodes: make(map[string]nodeServices, len(names))}
+		for _, n := range names {
+			ns, _, err := readNodeServices(ctx, n, c.once)
+			if err != nil {
+				return catalogSnapshot{}, err
+			}
+			snap.nodes[n] = ns
+		}
+		after, index, err := readChecks(ctx, c.once)
+		if err != nil {
+			return catalogSnapshot{}, err
+		}
+		snap.checks = after
+		if index == before && slices.Equal(checks, after) || attempt == bulkReadAttempts {
+			return snap, nil
+		}
+		checks, before = after, index
+	}
+}

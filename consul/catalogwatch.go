@@ -1,0 +1,370 @@
+package consul
+
+import (
+	"context"
+	"slices"
+	"sort"
+
+	"github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// catalogWatch is the Watcher's view of the catalog (see catalogread.go for the design). Every
+// field but kick is guarded by Watcher.mu.
+type catalogWatch struct {
+	kick chan struct{} // capacity 1: the view or the followed services changed
+
+	nodesW  *watch            // on the node list
+	checksW *watch            // on every check
+	nodeWs  map[string]*watch // on the services of each node
+
+	nodesKnown  bool
+	nodes       map[string]*nodeView // the nodes listed; nil until the node's services are read
+	checksKnown bool
+	checks      []checkState
+	checksIndex uint64
+
+	// needChecks: services were added or changed at this index, the checks must be read at an
+	// index at least as high (0: nothing needed). needNodes: checks of these nodes vanished at
+	// this index, their services must be read at an index at least as high.
+	needChecks uint64
+	needNodes  map[string]uint64
+
+	emitted map[string][]route.Instance // the list last reported, per followed service
+	raw     map[string]string           // the fingerprint it was computed from
+}
+
+type nodeView struct {
+	nodeServices
+	index uint64
+}
+
+// catalogRounds bounds the fresh reads made for one computation (see refresh).
+const catalogRounds = 3
+
+func newCatalogWatch() catalogWatch {
+	return catalogWatch{
+		kick:      make(chan struct{}, 1),
+		nodeWs:    map[string]*watch{},
+		nodes:     map[string]*nodeView{},
+		needNodes: map[string]uint64{},
+		emitted:   map[string][]route.Instance{},
+		raw:       map[string]string{},
+	}
+}
+
+// signal asks for a computation.
+func (cw *catalogWatch) signal() {
+	select {
+	case cw.kick <- struct{}{}:
+	default:
+	}
+}
+
+// forget drops what was reported of a service that is no longer followed.
+func (cw *catalogWatch) forget(service string) {
+	delete(cw.emitted, service)
+	delete(cw.raw, service)
+}
+
+func (cw *catalogWatch) ready() bool {
+	if !cw.nodesKnown || !cw.checksKnown {
+		return false
+	}
+	for _, v := range cw.nodes {
+		if v == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// catalogQuery adapts Watcher.query to the readers of catalogread.go.
+func (w *Watcher) catalogQuery(index uint64) func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+	return func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+		return w.query(ctx, index, call)
+	}
+}
+
+// startCatalogLocked starts the watches of the node list and of the checks, and the goroutine
+// that computes the instances. w.mu is held and Run runs.
+func (w *Watcher) startCatalogLocked() {
+	cw := &w.cat
+	cw.nodesW = w.startLocked(updateKey{kind: kindCatalog, service: "nodes"}, "catalog nodes",
+		func(ctx context.Context, wt *watch) {
+			follow(ctx, w, wt, source[[]string]{
+				fetch: func(ctx context.Context, index uint64) ([]string, uint64, error) {
+					return w.c.readNodes(ctx, w.catalogQuery(index))
+				},
+				same:    slices.Equal[[]string],
+				deliver: w.deliverNodes,
+			})
+		})
+	cw.checksW = w.startLocked(updateKey{kind: kindCatalog, service: "checks"}, "health checks",
+		func(ctx context.Context, wt *watch) {
+			follow(ctx, w, wt, source[[]checkState]{
+				fetch: func(ctx context.Context, index uint64) ([]checkState, uint64, error) {
+					return readChecks(ctx, w.catalogQuery(index))
+				},
+				same:    slices.Equal[[]checkState],
+				deliver: w.deliverChecks,
+			})
+		})
+	runCtx := w.runCtx
+	w.wg.Go(func() { w.computeLoop(runCtx) })
+	cw.signal()
+}
+
+// stopCatalogLocked stops every watch of the catalog. w.mu is held.
+func (w *Watcher) stopCatalogLocked() {
+	cw := &w.cat
+	for _, wt := range []*watch{cw.nodesW, cw.checksW} {
+		if wt != nil {
+			w.stopLocked(wt)
+		}
+	}
+	cw.nodesW, cw.checksW = nil, nil
+	for n, wt := range cw.nodeWs {
+		w.stopLocked(wt)
+		delete(cw.nodeWs, n)
+	}
+}
+
+// deliverNodes starts the watches of new nodes and stops those of the nodes gone.
+func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if wt.stopped {
+		return
+	}
+	cw := &w.cat
+	cw.nodesKnown = true
+	listed := make(map[string]bool, len(names))
+	for _, n := range names {
+		listed[n] = true
+		if cw.nodeWs[n] != nil {
+			continue
+		}
+		if _, ok := cw.nodes[n]; !ok {
+			cw.nodes[n] = nil
+		}
+		node := n
+		cw.nodeWs[n] = w.startLocked(updateKey{kind: kindCatalog, service: "node " + n}, "node-services "+n,
+			func(ctx context.Context, wt *watch) {
+				follow(ctx, w, wt, source[nodeServices]{
+					fetch: func(ctx context.Context, index uint64) (nodeServices, uint64, error) {
+						return readNodeServices(ctx, node, w.catalogQuery(index))
+					},
+					same: sameNodeServices,
+					deliver: func(wt *watch, ns nodeServices, index uint64, reset bool) {
+						w.deliverNode(wt, node, ns, index, reset)
+					},
+				})
+			})
+	}
+	for n, nw := range cw.nodeWs {
+		if !listed[n] {
+			w.stopLocked(nw)
+			delete(cw.nodeWs, n)
+			delete(cw.nodes, n)
+			delete(cw.needNodes, n)
+		}
+	}
+	cw.signal()
+}
+
+// deliverNode records the services of a node, read by its watch.
+func (w *Watcher) deliverNode(wt *watch, node string, ns nodeServices, index uint64, reset bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if wt.stopped {
+		return
+	}
+	if old := w.cat.nodes[node]; old != nil && !reset && index < old.index {
+		return // older than a fresh read already recorded
+	}
+	w.applyNodeLocked(node, ns, index)
+	w.cat.signal()
+}
+
+// applyNodeLocked records the services of a node read at index.
+func (w *Watcher) applyNodeLocked(node string, ns nodeServices, index uint64) {
+	cw := &w.cat
+	old := cw.nodes[node]
+	if addsServices(old, ns) {
+		cw.needChecks = max(cw.needChecks, index)
+	}
+	cw.nodes[node] = &nodeView{nodeServices: ns, index: index}
+	if need, ok := cw.needNodes[node]; ok && index >= need {
+		delete(cw.needNodes, node)
+	}
+}
+
+// addsServices reports whether ns holds an instance that old does not hold as it is.
+func addsServices(old *nodeView, ns nodeServices) bool {
+	if old == nil {
+		return len(ns.services) > 0
+	}
+	if old.address != ns.address {
+		return true
+	}
+	known := make(map[serviceState]bool, len(old.services))
+	for _, s := range old.services {
+		known[s] = true
+	}
+	for _, s := range ns.services {
+		if !known[s] {
+			return true
+		}
+	}
+	return false
+}
+
+// deliverChecks records every check, read by the checks' watch.
+func (w *Watcher) deliverChecks(wt *watch, cs []checkState, index uint64, reset bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if wt.stopped {
+		return
+	}
+	if w.cat.checksKnown && !reset && index < w.cat.checksIndex {
+		return // older than a fresh read already recorded
+	}
+	w.applyChecksLocked(cs, index)
+	w.cat.signal()
+}
+
+// applyChecksLocked records every check read at index; the nodes some checks of which vanished
+// need their services read at an index at least as high.
+func (w *Watcher) applyChecksLocked(cs []checkState, index uint64) {
+	cw := &w.cat
+	type key struct{ node, id string }
+	now := make(map[key]bool, len(cs))
+	for _, c := range cs {
+		now[key{c.Node, c.CheckID}] = true
+	}
+	for _, c := range cw.checks {
+		if now[key{c.Node, c.CheckID}] {
+			continue
+		}
+		if v := cw.nodes[c.Node]; v != nil && v.index < index {
+			cw.needNodes[c.Node] = max(cw.needNodes[c.Node], index)
+		}
+	}
+	cw.checks, cw.checksIndex, cw.checksKnown = cs, index, true
+	if index >= cw.needChecks {
+		cw.needChecks = 0
+	}
+}
+
+// computeLoop computes the instances of the followed services whenever the view changes, until
+// ctx ends. Changes that come while it computes are computed together next.
+func (w *Watcher) computeLoop(ctx context.Context) {
+	for {
+		select {
+		case <-w.cat.kick:
+		case <-ctx.Done():
+			return
+		}
+		if !w.refresh(ctx) {
+			// A fresh read failed: the watches see the outage; try again soon.
+			if !pause(ctx, w.timing.backoffMin, nil) {
+				return
+			}
+			w.cat.signal()
+			continue
+		}
+		w.mu.Lock()
+		w.computeLocked()
+		w.mu.Unlock()
+	}
+}
+
+// refresh makes the reads that the consistency rules ask for (see catalogread.go): the checks when
+// services were seen that are newer than them, the services of the nodes some checks of which
+// vanished. A read sent now sees a state at least as new as the one the rule waits for. It
+// returns false when a read failed.
+func (w *Watcher) refresh(ctx context.Context) bool {
+	for range catalogRounds {
+		w.mu.Lock()
+		cw := &w.cat
+		if !cw.ready() {
+			w.mu.Unlock()
+			return true
+		}
+		needChecks := cw.needChecks > cw.checksIndex
+		var nodes []string
+		for n, need := range cw.needNodes {
+			if v := cw.nodes[n]; v != nil && v.index < need {
+				nodes = append(nodes, n)
+			} else {
+				delete(cw.needNodes, n)
+			}
+		}
+		w.mu.Unlock()
+		if !needChecks && len(nodes) == 0 {
+			return true
+		}
+		sort.Strings(nodes)
+		if needChecks {
+			cs, index, err := readChecks(ctx, w.c.once)
+			if err != nil {
+				w.logger.Debug("consul watch: reading the checks again failed", "error", err)
+				return false
+			}
+			w.mu.Lock()
+			if index >= cw.checksIndex {
+				w.applyChecksLocked(cs, index)
+			}
+			cw.needChecks = 0 // this read was sent after the services were read
+			w.mu.Unlock()
+		}
+		for _, n := range nodes {
+			ns, index, err := readNodeServices(ctx, n, w.c.once)
+			if err != nil {
+				w.logger.Debug("consul watch: reading the services of a node again failed", "node", n, "error", err)
+				return false
+			}
+			w.mu.Lock()
+			if v := cw.nodes[n]; v != nil && index >= v.index {
+				w.applyNodeLocked(n, ns, index)
+			}
+			delete(cw.needNodes, n) // this read was sent after the checks vanished
+			w.mu.Unlock()
+		}
+	}
+	return true
+}
+
+// computeLocked reports each followed service whose instance list differs from the one reported
+// last (or that was never reported). w.mu is held.
+func (w *Watcher) computeLocked() {
+	cw := &w.cat
+	if !cw.ready() || len(w.services) == 0 {
+		return
+	}
+	snap := catalogSnapshot{nodes: make(map[string]nodeServices, len(cw.nodes)), checks: cw.checks}
+	for n, v := range cw.nodes {
+		snap.nodes[n] = v.nodeServices
+	}
+	entries := snap.entries(w.services)
+	names := make([]string, 0, len(w.services))
+	for s := range w.services {
+		names = append(names, s)
+	}
+	sort.Strings(names)
+	for _, s := range names {
+		fp := fingerprint(w.filter, entries[s])
+		if raw, ok := cw.raw[s]; ok && raw == fp {
+			continue
+		}
+		cw.raw[s] = fp
+		inst := w.c.instancesFrom(s, w.filter, entries[s])
+		if prev, ok := cw.emitted[s]; ok && slices.Equal(prev, inst) {
+			continue
+		}
+		cw.emitted[s] = inst
+		w.enqueueLocked(updateKey{kind: kindService, service: s}, Update{Service: s, Instances: inst})
+	}
+}
