@@ -135,3 +135,36 @@ func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return lines[len(lines)-1]
 }
+
+// The Jenkinsfile offers every stage of scripts/pipeline.sh and runs the script for each.
+func TestJenkinsfileRunsEveryStageOfThePipelineScript(t *testing.T) {
+	root := testenv.ModuleRoot(t)
+	usage, err := command(30*time.Second, root, nil, filepath.Join(root, "scripts", "pipeline.sh"))
+	if err == nil {
+		t.Fatalf("scripts/pipeline.sh without a stage succeeded:\n%s", usage)
+	}
+	m := regexp.MustCompile(`usage: \S+ (\S+)`).FindStringSubmatch(usage)
+	if m == nil {
+		t.Fatalf("scripts/pipeline.sh without a stage printed no usage:\n%s", usage)
+	}
+	stages := strings.Split(m[1], "|")
+	jenkinsfile, err := os.ReadFile(filepath.Join(root, "jenkins", "Jenkinsfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	choices := regexp.MustCompile(`choice\(name: 'STAGE', choices: \[([^\]]*)\]`).FindSubmatch(jenkinsfile)
+	if choices == nil {
+		t.Fatal("jenkins/Jenkinsfile has no STAGE choice parameter")
+	}
+	for _, s := range stages {
+		if !strings.Contains(string(jenkinsfile), "sh 'scripts/pipeline.sh "+s+"'") {
+			t.Errorf("jenkins/Jenkinsfile never runs scripts/pipeline.sh %s", s)
+		}
+		if !strings.Contains(string(choices[1]), "'"+s+"'") {
+			t.Errorf("jenkins/Jenkinsfile's STAGE parameter does not offer %s", s)
+		}
+	}
+	if len(stages) < 4 {
+		t.Fatalf("scripts/pipeline.sh offers %v, want at least the three jobs' stages and destroy", stages)
+	}
+}

@@ -166,7 +166,9 @@ reconfigure() {
   code="${out##*$'\n'}"
   body="${out%$'\n'*}"
   echo "$body"
-  [ "$code" = 200 ] && [[ "$body" == *'"Status":"OK"'* ]] || fail "reconfigure answered $code"
+  if [ "$code" != 200 ] || [[ "$body" != *'"Status":"OK"'* ]]; then
+    fail "reconfigure answered $code"
+  fi
 }
 
 # check_proxy N: curl -I through the proxy answers 200, and N different instances answer GETs.
