@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,33 +22,20 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 )
 
-// lockedBuffer collects a process's output while it runs.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // daemon runs bin with args until the test ends (SIGTERM, then SIGKILL after 20 s); its output
-// is logged when the test failed.
+// goes to a file of the test and is logged when the test failed.
 func daemon(t *testing.T, bin string, args ...string) {
 	t.Helper()
+	logPath := filepath.Join(t.TempDir(), args[0]+".log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command(bin, args...)
-	out := &lockedBuffer{}
-	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
+		logFile.Close()
 		t.Fatalf("start %s %s: %v", filepath.Base(bin), args[0], err)
 	}
 	done := make(chan struct{})
@@ -62,8 +48,10 @@ func daemon(t *testing.T, bin string, args ...string) {
 			_ = cmd.Process.Kill()
 			<-done
 		}
+		logFile.Close()
 		if t.Failed() {
-			t.Logf("output of %s %s:\n%s", filepath.Base(bin), args[0], out.String())
+			out, _ := os.ReadFile(logPath)
+			t.Logf("output of %s %s:\n%s", filepath.Base(bin), args[0], out)
 		}
 	})
 }
