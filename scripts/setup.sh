@@ -83,6 +83,9 @@ ensure_docker() {
 ensure_haproxy
 ensure_consul
 ensure_docker
+# The lab's tools (Ansible, ansible-lint, Vagrant, debootstrap), for the tests of ansible/ and the
+# Vagrantfile; on stderr, so that --print-env's output stays clean.
+"$(dirname "$0")/lab-setup.sh" --tools >&2
 
 if [ "${1:-}" = "--print-env" ]; then
   haproxy_bin="$(command -v haproxy || echo /usr/sbin/haproxy)"
