@@ -127,6 +127,7 @@ type Proxy struct {
 	log      *slog.Logger
 	obs      Observer
 
+	served    []byte    // the config of backends, rendered; nil when it must be rendered again
 	templates Templates // nil: routes that name a template are refused
 	static    map[string]route.EnvRoute
 
@@ -186,7 +187,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.backends = backends
+	p.backends, p.served = backends, nil
 	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
@@ -196,7 +197,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 func (p *Proxy) Apply(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	cfg := p.renderLocked(p.backends)
+	cfg := p.servedLocked()
 	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return fmt.Errorf("%w: %w", ErrApply, err)
 	}
@@ -207,7 +208,7 @@ func (p *Proxy) Apply(ctx context.Context) error {
 func (p *Proxy) Config() []byte {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.renderLocked(p.backends)
+	return p.servedLocked()
 }
 
 // Routes returns the routes served, sorted by service name.
@@ -359,7 +360,7 @@ func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 	if !recreate {
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		cfg := p.renderLocked(p.backends)
+		cfg := p.servedLocked()
 		r, ok := p.haproxy.(reloader)
 		if !ok {
 			return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
@@ -470,7 +471,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 	p.refreshTemplatesLocked(ctx, ready, next)
 	cfg := p.renderLocked(next)
-	if err := p.validate(ctx, cfg); err != nil {
+	if err := p.validate(ctx, p.checkConfigLocked(next, ready, cfg)); err != nil {
 		if len(ready) > 1 {
 			// Find the change that HAProxy rejects: apply them one by one.
 			for _, c := range ready {
@@ -478,7 +479,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 			}
 			return
 		}
-		if verr := p.validate(ctx, p.renderLocked(p.backends)); verr == nil {
+		if verr := p.validate(ctx, p.servedLocked()); verr == nil {
 			// The config served now passes: this change is what HAProxy refuses (a regex that PCRE
 			// rejects, say). The request is at fault.
 			p.log.Info("haproxy -c rejects the config of a change; nothing changed", "service", ready[0].service, "error", err)
@@ -526,7 +527,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		}
 		return
 	}
-	p.backends = next
+	p.backends, p.served = next, cfg
 	p.observeTableLocked()
 	for _, c := range written {
 		c.done <- nil
@@ -543,7 +544,7 @@ type reloader interface {
 func (p *Proxy) SetCerts(hasCerts bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.settings.HasCerts = hasCerts
+	p.settings.HasCerts, p.served = hasCerts, nil
 }
 
 // RefreshCerts tells the controller whether the certificates folder holds a certificate, and makes
@@ -553,8 +554,8 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	old := p.settings.HasCerts
-	p.settings.HasCerts = hasCerts
-	cfg := p.renderLocked(p.backends)
+	p.settings.HasCerts, p.served = hasCerts, nil
+	cfg := p.servedLocked()
 	var err error
 	if r, ok := p.haproxy.(reloader); ok {
 		err = p.timed(func() error { return r.Reload(ctx, cfg) })
@@ -562,7 +563,7 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 		err = p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
 	if err != nil {
-		p.settings.HasCerts = old
+		p.settings.HasCerts, p.served = old, nil
 		return fmt.Errorf("%w: %w", ErrApply, err)
 	}
 	return nil
@@ -581,7 +582,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	if !ok {
 		return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
-	changes, serversOnly := haproxy.DiffServers(p.renderLocked(p.backends), cfg)
+	changes, serversOnly := haproxy.DiffServers(p.servedLocked(), cfg)
 	if serversOnly && len(changes) == 0 {
 		return p.haproxy.Apply(ctx, cfg) // the same config: no reload, nothing to log
 	}
@@ -655,6 +656,36 @@ func (p *Proxy) restore(ctx context.Context, c *change) error {
 		p.log.Info("not restoring a route in KV: another replica wrote it since", "service", c.service)
 	}
 	return err
+}
+
+// servedLocked is the config of the table served, rendered once per change of the table.
+func (p *Proxy) servedLocked() []byte {
+	if p.served == nil {
+		p.served = p.renderLocked(p.backends)
+	}
+	return p.served
+}
+
+// checkConfigLocked is the config that `haproxy -c` checks before a batch is applied: the routes the
+// batch changes, rendered alone with the proxy-wide sections. The other routes passed the check
+// when they were applied, and routes share nothing in haproxy.cfg but names the renderer keeps
+// apart (and source ports, which checkPortsLocked compares), so this stands for the whole config at
+// a cost that does not grow with the table. When a route has a custom template, which may refer
+// to other routes' backends, the whole config is checked. The reload checks the whole config too: a
+// config it refuses is never served.
+func (p *Proxy) checkConfigLocked(next map[string]route.Backend, batch []*change, full []byte) []byte {
+	subset := map[string]route.Backend{}
+	for _, b := range next {
+		if b.FrontendSnippet != "" || b.BackendSnippet != "" {
+			return full
+		}
+	}
+	for _, c := range batch {
+		if b, ok := next[c.service]; ok {
+			subset[c.service] = b
+		}
+	}
+	return p.renderLocked(subset)
 }
 
 func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {

@@ -2,11 +2,13 @@ package server
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
 	"github.com/docker-flow-proxy/docker-flow-proxy/metrics"
+	"github.com/docker-flow-proxy/docker-flow-proxy/proxy"
 )
 
 // outage is Consul's reachability as the watches see it, for the health endpoint.
@@ -57,8 +59,21 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 			s.outage.set(nil, time.Time{})
 			s.log.Info("consul reachable again; converging to its state")
 			// Every route and instance read again at once, rather than each watch in its own time.
-			if err := s.proxy.Reload(ctx, true); err != nil {
-				s.log.Error("converging to consul's state failed", "error", err)
+			// A Consul that has just come back may not serve every read yet: retry until it does
+			// (the watches' news waits, merged, meanwhile).
+			for backoff := 250 * time.Millisecond; ; backoff = min(2*backoff, 2*time.Second) {
+				err := s.proxy.Reload(ctx, true)
+				if err == nil || ctx.Err() != nil {
+					break
+				}
+				if !errors.Is(err, proxy.ErrConsul) {
+					s.log.Error("converging to consul's state failed", "error", err)
+					break
+				}
+				s.log.Warn("converging to consul's state failed; retrying", "error", err, "retry_in", backoff)
+				if !sleep(ctx, backoff) {
+					return
+				}
 			}
 			watchRouted()
 		}
