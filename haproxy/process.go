@@ -173,6 +173,20 @@ func (p *Process) Validate(ctx context.Context, cfg []byte) error {
 	return nil
 }
 
+// ValidatePart checks part with `haproxy -c` and, when it passes, takes whole as validated: the
+// next Apply of whole reloads without checking it again. The caller vouches that part stands for
+// whole (the controller checks the routes a change touches, rendered alone). If whole were refused
+// all the same, the reload would fail and the config served would keep serving.
+func (p *Process) ValidatePart(ctx context.Context, part, whole []byte) error {
+	if err := p.Validate(ctx, part); err != nil {
+		return err
+	}
+	p.vmu.Lock()
+	p.validated = sha256.Sum256(whole)
+	p.vmu.Unlock()
+	return nil
+}
+
 // justValidated reports whether cfg is the config Validate passed last, and forgets it: files the
 // config names (certificates) may change, so a result serves once.
 func (p *Process) justValidated(cfg []byte) bool {
@@ -284,6 +298,9 @@ func (p *Process) apply(ctx context.Context, cfg []byte, force bool) error {
 		release(p.runSem)
 		if retry {
 			continue
+		}
+		if err == nil {
+			p.pruneMaps(cfg)
 		}
 		return err
 	}
@@ -858,6 +875,9 @@ func (p *Process) validateFile(ctx context.Context, path string) error {
 // writeTemp writes data to a new temp file in Dir (created if missing) and returns its path.
 func (p *Process) writeTemp(data []byte) (string, error) {
 	if err := os.MkdirAll(p.dir, 0o755); err != nil {
+		return "", err
+	}
+	if err := p.writeMaps(data); err != nil {
 		return "", err
 	}
 	f, err := os.CreateTemp(p.dir, ".haproxy-*.cfg")

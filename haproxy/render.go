@@ -2,8 +2,11 @@ package haproxy
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -36,6 +39,11 @@ type Settings struct {
 	// both behind StatsUser (there is no default password: the server refuses a port without one).
 	StatsPort int
 	StatsUser *route.User
+	// MapsDir, when set, is the folder of the map files that route the plain routes (path_beg, no
+	// domain, no aclName): one map lookup stands for thousands of acl and use_backend lines, which
+	// HAProxy parses on every reload. The maps are written at the end of the config as comments
+	// ("#map <file>" and its "#  <path> <backend>" lines), and Process writes the files.
+	MapsDir string
 }
 
 // DefaultSettings are the settings the server starts with before flags override them.
@@ -101,27 +109,40 @@ func Render(s Settings, backends []route.Backend) []byte {
 	if s.HasCerts && s.CertsDir != "" {
 		w("    bind %s ssl crt %s", bindAddr(s.BindAddress, s.HTTPSPort), s.CertsDir)
 	}
+	order := routingOrder(bs)
+	mapped := mappedDests(s, order)
 	for _, be := range bs {
 		if be.FrontendSnippet != "" {
 			continue // the route's template stands for its ACLs and use_backend lines
 		}
 		for _, d := range be.Route.Destinations() {
-			if d.Mode() == route.ModeHTTP {
+			if d.Mode() == route.ModeHTTP && !mapped[destKey{be.Route.ServiceName, d.Index}] {
 				writeACLs(w, be.Route, d)
 			}
 		}
 	}
-	for _, rd := range routingOrder(bs) {
+	var maps []mapFile
+	for i := 0; i < len(order); i++ {
+		rd := order[i]
 		if rd.be.FrontendSnippet != "" {
 			writeSnippet(w, rd.be.FrontendSnippet, "    ")
 			continue
 		}
 		r, d := rd.be.Route, rd.dest
-		cond := "url_" + aclID(r, d)
-		if len(d.ServiceDomain) > 0 {
-			cond += " domain_" + aclID(r, d)
+		if mapped[destKey{r.ServiceName, d.Index}] {
+			// A run of plain routes in routing order becomes one map, in the same order: map_beg
+			// answers the first entry that matches, as the use_backend lines would.
+			j := i
+			for j < len(order) && mapped[destKey{order[j].be.Route.ServiceName, order[j].dest.Index}] {
+				j++
+			}
+			m := newMapFile(s.MapsDir, order[i:j])
+			maps = append(maps, m)
+			w("    use_backend %s if { path,map_beg(%s) -m found }", "%[path,map_beg("+m.path+")]", m.path)
+			i = j - 1
+			continue
 		}
-		w("    use_backend %s if %s", backendName(r, d), cond)
+		writeUseBackends(w, order[i:i+1])
 	}
 	writeTCPFrontends(w, s, bs)
 	for _, be := range bs {
@@ -145,7 +166,109 @@ func Render(s Settings, backends []route.Backend) []byte {
 			writeBackend(w, be, d, len(users) > 0)
 		}
 	}
+	for _, m := range maps {
+		w("")
+		w("%s %s", MapMarker, m.path)
+		for _, e := range m.entries {
+			w("%s%s %s", MapEntryPrefix, e[0], e[1])
+		}
+	}
 	return b.Bytes()
+}
+
+// MinMapRoutes is the shortest run of plain routes that a map stands for: a few routes stay acl
+// and use_backend lines, which users read more easily in /config.
+const MinMapRoutes = 8
+
+func writeUseBackends(w func(string, ...any), rds []routedDest) {
+	for _, rd := range rds {
+		r, d := rd.be.Route, rd.dest
+		cond := "url_" + aclID(r, d)
+		if len(d.ServiceDomain) > 0 {
+			cond += " domain_" + aclID(r, d)
+		}
+		w("    use_backend %s if %s", backendName(r, d), cond)
+	}
+}
+
+// The map files of a config, written at its end as comments: a MapMarker line names a file, and
+// the MapEntryPrefix lines after it are its lines.
+const (
+	MapMarker      = "#map"
+	MapEntryPrefix = "#    "
+)
+
+type mapFile struct {
+	path    string
+	entries [][2]string // path prefix, backend
+}
+
+// newMapFile makes the map of a run of plain routes, each route's paths in routing order. HAProxy's
+// map_beg answers the longest entry that is a prefix of the path, while use_backend lines answer
+// the first route that matches: the two agree once every entry that an earlier entry is a prefix of
+// is left out. Such an entry never wins as a use_backend line either (every path it matches, the
+// earlier one matches first), and of the entries left, those that match one path are prefixes of
+// one another, the longest first. The map's name holds a hash of its content: a map that changes
+// is a new file, and so a new config.
+func newMapFile(dir string, run []routedDest) mapFile {
+	var m mapFile
+	h := sha256.New()
+	earlier := map[string]bool{}
+	for _, rd := range run {
+		for _, p := range rd.dest.ServicePath {
+			if shadowed(earlier, p) {
+				continue
+			}
+			earlier[p] = true
+			be := backendName(rd.be.Route, rd.dest)
+			m.entries = append(m.entries, [2]string{p, be})
+			fmt.Fprintf(h, "%s %s\n", p, be)
+		}
+	}
+	m.path = filepath.Join(dir, "routes-"+hex.EncodeToString(h.Sum(nil))[:16]+".map")
+	return m
+}
+
+// shadowed reports whether one of the paths is a prefix of p (or p itself).
+func shadowed(paths map[string]bool, p string) bool {
+	for i := 1; i <= len(p); i++ {
+		if paths[p[:i]] {
+			return true
+		}
+	}
+	return false
+}
+
+// destKey names a destination of a route.
+type destKey struct {
+	service string
+	index   int
+}
+
+// mappedDests returns the destinations routed through maps: those in runs of at least
+// MinMapRoutes plain routes in routing order.
+func mappedDests(s Settings, order []routedDest) map[destKey]bool {
+	out := map[destKey]bool{}
+	for i := 0; i < len(order); {
+		j := i
+		for j < len(order) && order[j].be.FrontendSnippet == "" && inMap(s, order[j].be.Route, order[j].dest) {
+			j++
+		}
+		if j-i >= MinMapRoutes {
+			for _, rd := range order[i:j] {
+				out[destKey{rd.be.Route.ServiceName, rd.dest.Index}] = true
+			}
+		}
+		i = max(j, i+1)
+	}
+	return out
+}
+
+// inMap reports whether a destination is routed through a map: maps are on, and it is a plain
+// HTTP route (path_beg, no domain, no aclName).
+func inMap(s Settings, r route.Route, d route.Dest) bool {
+	return s.MapsDir != "" && d.Mode() == route.ModeHTTP && d.PathType == route.PathBeg &&
+		len(d.ServiceDomain) == 0 && r.ACLName == ""
 }
 
 // writeSnippet writes a rendered custom template, line by line, without the blank lines at its ends.

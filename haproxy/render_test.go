@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -34,6 +35,10 @@ func caseSettings(name string, s Settings) Settings {
 		s.Users = []route.User{{Name: "admin", Password: "clear-text"}, {Name: "ops", Password: routetest.Hash}}
 	case "stats":
 		s.StatsPort, s.StatsUser = 9100, &route.User{Name: "admin", Password: "stats-secret"}
+	case "maps":
+		if s.MapsDir == "" {
+			s.MapsDir = "/run/dfp/maps"
+		}
 	}
 	return s
 }
@@ -97,6 +102,9 @@ func renderCases() map[string][]route.Backend {
 			{Route: route.Route{ServiceName: "tls-b", ReqMode: route.ModeSNI, SrcPort: 8443, PathType: route.PathBeg,
 				ServiceDomain: []string{"b.example.com"}, TimeoutTunnel: 600}, Instances: []route.Instance{{Address: "127.0.0.1", Port: 9001}}},
 		},
+		// Maps: runs of at least MinMapRoutes plain routes, in routing order, become one map each;
+		// the other routes keep their acl lines between them.
+		"maps": mapsCase(),
 		// Custom templates, rendered: they stand for the route's frontend lines and its backend.
 		"templates": {
 			{Route: books, Instances: three},
@@ -108,6 +116,30 @@ func renderCases() map[string][]route.Backend {
 		},
 		"many-paths": {{Route: route.Route{ServiceName: "wide", ServicePath: many, PathType: route.Path}}},
 	}
+}
+
+// mapsCase is 20 plain routes of paths of lengths 2 to 7, and between them, by length, a route
+// with a domain (matched first), a path_dir route and an aclName route.
+func mapsCase() []route.Backend {
+	var bs []route.Backend
+	inst := []route.Instance{{Address: "127.0.0.1", Port: 9000}}
+	for i := 0; i < 20; i++ {
+		name := fmt.Sprintf("s%02d", i)
+		path := "/" + strings.Repeat(string(rune('a'+i%5)), 1+i%6)
+		bs = append(bs, route.Backend{Route: route.Route{ServiceName: name, ServicePath: []string{path + "/" + name}, PathType: route.PathBeg}, Instances: inst})
+	}
+	// x is matched before y (its longest path is longer), so /pq/long/x goes to x through its
+	// short /p: the map must answer its first match, not its longest.
+	bs = append(bs,
+		route.Backend{Route: route.Route{ServiceName: "x", ServicePath: []string{"/p", "/zzzzzzzzzzzz"}, PathType: route.PathBeg}, Instances: inst},
+		route.Backend{Route: route.Route{ServiceName: "y", ServicePath: []string{"/pq/long"}, PathType: route.PathBeg}, Instances: inst},
+	)
+	bs = append(bs,
+		route.Backend{Route: route.Route{ServiceName: "domain", ServicePath: []string{"/"}, PathType: route.PathBeg, ServiceDomain: []string{"a.example.com"}}, Instances: inst},
+		route.Backend{Route: route.Route{ServiceName: "dir", ServicePath: []string{"/dd/di"}, PathType: route.PathDir}, Instances: inst},
+		route.Backend{Route: route.Route{ServiceName: "first", ServicePath: []string{"/"}, PathType: route.PathBeg, ACLName: "01"}, Instances: inst},
+	)
+	return bs
 }
 
 func TestRenderGolden(t *testing.T) {
@@ -162,6 +194,7 @@ func TestRenderedConfigsPassHAProxyCheck(t *testing.T) {
 	s := testSettings()
 	s.StatsSocket = filepath.Join(dir, "s.sock")
 	s.HTTPPort = testenv.FreePort(t)
+	s.MapsDir = filepath.Join(dir, "maps")
 	p := NewProcess(Options{Binary: bin, Dir: dir})
 	for name, backends := range renderCases() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

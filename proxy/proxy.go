@@ -4,6 +4,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -471,7 +472,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	}
 	p.refreshTemplatesLocked(ctx, ready, next)
 	cfg := p.renderLocked(next)
-	if err := p.validate(ctx, p.checkConfigLocked(next, ready, cfg)); err != nil {
+	if err := p.validatePart(ctx, p.checkConfigLocked(next, ready, cfg), cfg); err != nil {
 		if len(ready) > 1 {
 			// Find the change that HAProxy rejects: apply them one by one.
 			for _, c := range ready {
@@ -707,6 +708,23 @@ func (p *Proxy) timed(reload func() error) error {
 // validate runs `haproxy -c` on cfg and tells the observer.
 func (p *Proxy) validate(ctx context.Context, cfg []byte) error {
 	err := p.haproxy.Validate(ctx, cfg)
+	p.obs.Validated(err)
+	return err
+}
+
+// partValidator is an HAProxy that takes a check of part of a config (checkConfigLocked) for a check
+// of the whole, which it then applies without checking it again.
+type partValidator interface {
+	ValidatePart(ctx context.Context, part, whole []byte) error
+}
+
+// validatePart checks part, which stands for whole.
+func (p *Proxy) validatePart(ctx context.Context, part, whole []byte) error {
+	pv, ok := p.haproxy.(partValidator)
+	if !ok || bytes.Equal(part, whole) {
+		return p.validate(ctx, whole)
+	}
+	err := pv.ValidatePart(ctx, part, whole)
 	p.obs.Validated(err)
 	return err
 }

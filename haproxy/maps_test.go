@@ -1,0 +1,117 @@
+package haproxy
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// Routing through maps chooses, for every request, the backend that acl and use_backend lines
+// choose: the same table is served both ways by the real HAProxy and compared request by request.
+func TestMapsRouteAsACLLinesDo(t *testing.T) {
+	// mapsCase without its aclName route, which matches every request before the others.
+	bs := mapsCase()[:len(mapsCase())-1]
+	// Each route gets a backend of its own that answers its name.
+	for i := range bs {
+		port := startBackend(t, bs[i].Route.ServiceName)
+		bs[i].Instances = []route.Instance{{Address: "127.0.0.1", Port: port}}
+	}
+	// Requests that each route matches, requests that several match, and requests none matches.
+	var paths []string
+	for _, b := range bs {
+		for _, p := range b.Route.ServicePath {
+			paths = append(paths, p, p+"/x", p+"x", strings.TrimSuffix(p, p[len(p)-1:]))
+		}
+	}
+	paths = append(paths, "/", "/zzz", "/dd/di/x", "/dd/dix", "/aaaaaa/s05/deeper", "/pq/long/x")
+	answers := func(mapsDir string) (map[string]string, string) {
+		front := testenv.FreePort(t)
+		s := testSettings()
+		s.HTTPPort, s.StatsSocket = front, ""
+		p := startProcess(t, procConfig(testenv.FreePort(t), startBackend(t, "start"), 0))
+		s.MapsDir = filepath.Join(p.dir, "maps")
+		if mapsDir == "" {
+			s.MapsDir = ""
+		}
+		cfg := Render(s, bs)
+		if err := p.Apply(ctxFor(t, 15*time.Second), cfg); err != nil {
+			t.Fatalf("apply: %v", err)
+		}
+		out := map[string]string{}
+		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		for _, path := range paths {
+			for _, host := range []string{"other.example.com", "a.example.com"} {
+				req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", front, path), nil)
+				req.Host = host
+				resp, err := c.Do(req)
+				if err != nil {
+					t.Fatalf("GET %s: %v", path, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				out[host+path] = fmt.Sprintf("%d %s", resp.StatusCode, body)
+			}
+		}
+		return out, string(cfg)
+	}
+	withACLs, aclCfg := answers("")
+	withMaps, mapCfg := answers("maps")
+	if strings.Contains(aclCfg, "map_beg") || strings.Count(mapCfg, "map_beg(") != 2 {
+		t.Fatalf("the configs do not route as intended:\n%s\n---\n%s", aclCfg, mapCfg)
+	}
+	distinct := map[string]bool{}
+	for k, want := range withACLs {
+		distinct[want] = true
+		if got := withMaps[k]; got != want {
+			t.Errorf("%s: through maps %q, through acl lines %q", k, got, want)
+		}
+	}
+	if got := withMaps["other.example.com/pq/long/x"]; got != "200 x" {
+		t.Errorf("/pq/long/x through maps: %q, want route x (the first match)", got)
+	}
+	if len(distinct) < len(bs)-1 { // y answers none: x shadows every path of it
+		t.Fatalf("the requests reached only %d of %d routes: %v", len(distinct), len(bs), distinct)
+	}
+}
+
+func TestMapFilesAreWrittenAndPruned(t *testing.T) {
+	p := startProcess(t, procConfig(testenv.FreePort(t), startBackend(t, "start"), 0))
+	s := testSettings()
+	s.HTTPPort, s.StatsSocket, s.MapsDir = testenv.FreePort(t), "", filepath.Join(p.dir, "maps")
+	bs := mapsCase()
+	first := Render(s, bs)
+	if err := p.Apply(ctxFor(t, 15*time.Second), first); err != nil {
+		t.Fatal(err)
+	}
+	files := func() []string {
+		m, _ := filepath.Glob(filepath.Join(s.MapsDir, "*.map"))
+		return m
+	}
+	if got := files(); len(got) != 1 {
+		t.Fatalf("map files after the first apply: %v", got)
+	}
+	before := files()[0]
+	bs[0].Route.ServicePath = []string{"/changed"}
+	if err := p.Apply(ctxFor(t, 15*time.Second), Render(s, bs)); err != nil {
+		t.Fatal(err)
+	}
+	if got := files(); len(got) != 1 || got[0] == before {
+		t.Fatalf("map files after a change: %v (before %s); want one new file", got, before)
+	}
+	// A config that names a map outside Dir/maps is refused before HAProxy reads it.
+	s.MapsDir = t.TempDir()
+	if err := p.Validate(ctxFor(t, 10*time.Second), Render(s, bs)); err == nil {
+		t.Fatal("a map outside Dir/maps was accepted")
+	}
+	if entries, _ := os.ReadDir(s.MapsDir); len(entries) != 0 {
+		t.Fatalf("files written outside Dir/maps: %v", entries)
+	}
+}
