@@ -54,6 +54,9 @@ type Config struct {
 	// Phases adds, at the largest size, the time of each step of a change (Consul reads, render,
 	// haproxy -c, reload).
 	Phases bool
+	// ConsulMaxConns, when > 0, starts Consul with limits.http_max_conns_per_client raised to it;
+	// 0 keeps Consul's default (200 connections per client address).
+	ConsulMaxConns int
 	// CPUProfile, when set, is written with a CPU profile of the process (the server runs in it)
 	// while item 1 runs at the largest size.
 	CPUProfile string

@@ -40,7 +40,7 @@ const (
 type world struct {
 	h         *harness
 	n         int
-	consul    *testenv.Consul
+	consul    *agent
 	capi      *capi.Client
 	client    *consul.Client
 	backends  *backends
@@ -63,15 +63,15 @@ func servicePath(name string) string { return "/" + name + "/" }
 func (h *harness) newWorld(ctx context.Context, n int) (*world, error) {
 	w := &world{h: h, n: n, instances: h.cfg.Instances}
 	var err error
-	if err := h.tbCall(func() { w.consul = testenv.StartConsul(h.tb) }); err != nil {
+	if w.consul, err = h.startConsul(ctx, h.cfg.ConsulMaxConns); err != nil {
 		return nil, err
 	}
-	w.capi, err = capi.NewClient(&capi.Config{Address: w.consul.Addr})
+	w.capi, err = capi.NewClient(&capi.Config{Address: w.consul.addr})
 	if err != nil {
 		w.close()
 		return nil, fmt.Errorf("consul api client: %w", err)
 	}
-	w.client, err = consul.New([]string{w.consul.Addr}, h.log)
+	w.client, err = consul.New([]string{w.consul.addr}, h.log)
 	if err != nil {
 		w.close()
 		return nil, fmt.Errorf("consul client: %w", err)
@@ -200,7 +200,7 @@ func (w *world) startServer(ctx context.Context) (returned, served time.Duration
 	defer cancel()
 	t0 := time.Now()
 	w.srv, err = server.Start(sctx, server.Config{
-		ConsulAddresses: []string{w.consul.Addr}, InstanceName: instanceName,
+		ConsulAddresses: []string{w.consul.addr}, InstanceName: instanceName,
 		BindAddress: "127.0.0.1", HTTPPort: httpPort, HTTPSPort: httpsPort, APIPort: apiPort,
 		ConfigDir: w.dir, Health: consul.HealthPassing, HAProxyBin: hap,
 		StartupTimeout: w.h.cfg.StartupWait, Logger: w.h.log,
@@ -237,18 +237,25 @@ func (w *world) waitServed(ctx context.Context, services []string) error {
 		left[s] = true
 	}
 	c := newClient(5 * time.Second)
-	for len(left) > 0 {
+	t0 := time.Now()
+	var last string // why the last route not served yet was not
+	for rounds := 1; len(left) > 0; rounds++ {
 		for s := range left {
-			if ok, _ := w.fromBackend(ctx, c, w.proxyURL(s)); ok {
+			ok, err := w.fromBackend(ctx, c, w.proxyURL(s))
+			if ok {
 				delete(left, s)
+				continue
 			}
+			last = fmt.Sprintf("%s: %v", s, err)
 		}
 		if len(left) == 0 {
+			w.h.say("%d sampled routes served after %d rounds of polling (%s); the last one missing: %s",
+				len(services), rounds, fmtMS(time.Since(t0)), last)
 			return nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%d of %d sampled routes not served: %w", len(left), len(services), ctx.Err())
+			return fmt.Errorf("%d of %d sampled routes not served (%s): %w", len(left), len(services), last, ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
@@ -271,7 +278,10 @@ func (w *world) fromBackend(ctx context.Context, c *http.Client, url string) (bo
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, resp.Body)
-	return resp.StatusCode == http.StatusOK && resp.Header.Get("X-Bench-Backend") != "", nil
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Bench-Backend") == "" {
+		return false, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return true, nil
 }
 
 // reconfigure calls the API and returns an error unless it answers 200 with Status OK.
@@ -307,7 +317,7 @@ func (w *world) close() {
 		w.backends.close()
 	}
 	if w.consul != nil {
-		w.consul.Stop()
+		w.consul.stop()
 	}
 	if w.dir != "" {
 		_ = os.RemoveAll(w.dir)

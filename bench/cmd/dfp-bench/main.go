@@ -44,6 +44,7 @@ func run() int {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of item 1 at the largest size to this file")
 	logLevel := flag.String("log-level", "error", "the server's log level: debug, info, warn, error")
 	logFile := flag.String("log-file", "", "write the server's log to this file instead of stderr")
+	consulMaxConns := flag.Int("consul-max-conns", 0, "start Consul with limits.http_max_conns_per_client raised to this (0: Consul's default, 200)")
 	wrk := flag.String("wrk", "", "the wrk binary (default: wrk on PATH; without it a Go load generator, unless CI=true)")
 	flag.Parse()
 
@@ -85,6 +86,7 @@ func run() int {
 	cfg.Phases = !*noPhases
 	cfg.CPUProfile = *cpuProfile
 	cfg.Wrk = *wrk
+	cfg.ConsulMaxConns = *consulMaxConns
 	cfg.RequireWrk = testenv.CI()
 
 	var level slog.Level
