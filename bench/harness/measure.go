@@ -136,7 +136,7 @@ func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool
 
 func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call time.Duration, err error) {
 	name := fmt.Sprintf("new-%05d", s)
-	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port); err != nil {
+	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port, -1-s); err != nil {
 		return 0, 0, err
 	}
 	q := url.Values{"serviceName": {name}, "servicePath": {servicePath(name)}}

@@ -25,9 +25,10 @@ import (
 
 const (
 	instanceName = "docker-flow"
-	// catalogNode is the node that the instances are registered on: not the agent's own, whose
-	// anti-entropy would remove services its local state does not know.
-	catalogNode = "bench-node"
+	// The instances are registered on nodes of their own (not the agent's, whose anti-entropy
+	// would remove services its local state does not know), servicesPerNode services on each:
+	// a registration costs Consul more the more services its node holds.
+	servicesPerNode = 10
 	txnOps      = 64 // Consul's limit of operations per transaction
 	kvWorkers   = 4
 	regWorkers  = 16
@@ -164,13 +165,13 @@ func (w *world) registerInstances(ctx context.Context) error {
 	return parallel(ctx, regWorkers, total, func(ctx context.Context, j int) error {
 		name := serviceName(j / w.instances)
 		k := j % w.instances
-		return w.register(ctx, name, fmt.Sprintf("%s-%d", name, k), w.backends.addr(k), w.backends.port)
+		return w.register(ctx, name, fmt.Sprintf("%s-%d", name, k), w.backends.addr(k), w.backends.port, j/w.instances/servicesPerNode)
 	})
 }
 
-func (w *world) register(ctx context.Context, service, id, addr string, port int) error {
+func (w *world) register(ctx context.Context, service, id, addr string, port, node int) error {
 	reg := &capi.CatalogRegistration{
-		Node: catalogNode, Address: "127.0.0.1", SkipNodeUpdate: true,
+		Node: fmt.Sprintf("bench-node-%d", node), Address: "127.0.0.1", SkipNodeUpdate: true,
 		Service: &capi.AgentService{ID: id, Service: service, Address: addr, Port: port},
 	}
 	_, err := w.capi.Catalog().Register(reg, (&capi.WriteOptions{}).WithContext(ctx))
