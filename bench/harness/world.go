@@ -29,11 +29,11 @@ const (
 	// would remove services its local state does not know), servicesPerNode services on each:
 	// a registration costs Consul more the more services its node holds.
 	servicesPerNode = 10
-	txnOps      = 64 // Consul's limit of operations per transaction
-	kvWorkers   = 4
-	regWorkers  = 16
-	setupWait   = 10 * time.Minute
-	callTimeout = 2 * time.Minute
+	txnOps          = 64 // Consul's limit of operations per transaction
+	kvWorkers       = 4
+	regWorkers      = 16
+	setupWait       = 10 * time.Minute
+	callTimeout     = 2 * time.Minute
 )
 
 // world is a Consul agent holding n routes of instances each, the backends they point to, and a
