@@ -1,0 +1,374 @@
+package harness
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+)
+
+// Item 2: start-up of a new replica.
+
+// startupRows: the server's Start returned (KV and catalog read, config rendered, HAProxy started),
+// and every sampled route answered 200 by its backend through HAProxy.
+func (h *harness) startupRows(n int, returned, served time.Duration, err error) {
+	target, met := "", ""
+	if n == 10000 {
+		target = "< 5 s"
+		if err == nil {
+			met = verdict(served < 5*time.Second)
+		}
+	}
+	if returned > 0 {
+		h.add(Row{Item: 2, Measure: "start-up: server.Start returned", Services: n, Value: fmtMS(returned), Num: ms(returned)})
+	} else {
+		h.add(Row{Item: 2, Measure: "start-up: server.Start returned", Services: n, Err: err})
+	}
+	h.add(Row{Item: 2, Measure: "start-up: every sampled route served", Services: n, Value: fmtMS(served),
+		Num: ms(served), Target: target, Met: met, Err: err})
+}
+
+// memoryRows: the Go heap of the process (the server runs in it; the harness's own heap before
+// the server started is subtracted) and the resident memory of HAProxy's master and worker.
+func (h *harness) memoryRows(ctx context.Context, w *world, n int) {
+	var m runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m)
+	mb := func(b uint64) float64 { return float64(b) / (1 << 20) }
+	h.add(Row{Item: 2, Measure: "memory: Go heap in use after GC (server and harness)", Services: n,
+		Value: fmt.Sprintf("%.0f MB", mb(m.HeapInuse)), Num: mb(m.HeapInuse)})
+	h.add(Row{Item: 2, Measure: "memory: Go runtime total from the OS (Sys)", Services: n,
+		Value: fmt.Sprintf("%.0f MB", mb(m.Sys)), Num: mb(m.Sys)})
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	info, err := w.srv.HAProxy().ShowProc(cctx)
+	if err == nil && len(info.Workers) == 0 {
+		err = errors.New("show proc lists no worker")
+	}
+	var master, worker float64
+	if err == nil {
+		master, err = vmRSS(info.MasterPID)
+	}
+	if err == nil {
+		worker, err = vmRSS(info.Workers[0])
+	}
+	h.add(Row{Item: 2, Measure: "memory: HAProxy master RSS", Services: n, Value: fmt.Sprintf("%.0f MB", master), Num: master, Err: err})
+	h.add(Row{Item: 2, Measure: "memory: HAProxy worker RSS", Services: n, Value: fmt.Sprintf("%.0f MB", worker), Num: worker, Err: err})
+}
+
+// vmRSS reads a process's resident memory, in MB, from /proc.
+func vmRSS(pid int) (float64, error) {
+	f, err := os.Open(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return 0, fmt.Errorf("rss of %d: %w", pid, err)
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		if rest, ok := strings.CutPrefix(s.Text(), "VmRSS:"); ok {
+			kb, err := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")))
+			if err != nil {
+				return 0, fmt.Errorf("rss of %d: %q: %w", pid, rest, err)
+			}
+			return float64(kb) / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("rss of %d: no VmRSS line", pid)
+}
+
+// Item 1: reconfigure latency.
+
+// latencyRows registers a new service's instance, calls reconfigure and polls the new path
+// through the proxy, on new connections, until the backend answers: the latency is from sending
+// reconfigure to that first 200. The reconfigure call's own duration is reported too.
+func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool) {
+	if largest && h.cfg.CPUProfile != "" {
+		if stop, err := startProfile(h.cfg.CPUProfile); err != nil {
+			h.say("cpu profile: %v", err)
+		} else {
+			defer stop()
+		}
+	}
+	var lat, call []time.Duration
+	var err error
+	for s := 0; s < h.cfg.Samples && err == nil; s++ {
+		var l, c time.Duration
+		l, c, err = w.reconfigureSample(ctx, s)
+		if err == nil {
+			lat, call = append(lat, l), append(call, c)
+		}
+	}
+	target := ""
+	var limit time.Duration
+	switch n {
+	case 1000:
+		target, limit = "median < 100 ms", 100*time.Millisecond
+	case 10000:
+		target, limit = "median < 300 ms", 300*time.Millisecond
+	}
+	med := percentile(lat, 50)
+	met := ""
+	if target != "" && err == nil {
+		met = verdict(med < limit)
+	}
+	h.add(Row{Item: 1, Measure: "reconfigure to first 200, median", Services: n, Value: fmtMS(med), Num: ms(med), Target: target, Met: met, Err: err})
+	p90 := percentile(lat, 90)
+	h.add(Row{Item: 1, Measure: "reconfigure to first 200, p90", Services: n, Value: fmtMS(p90), Num: ms(p90), Err: err})
+	cm := percentile(call, 50)
+	h.add(Row{Item: 1, Measure: "reconfigure call alone, median", Services: n, Value: fmtMS(cm), Num: ms(cm), Err: err})
+}
+
+func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call time.Duration, err error) {
+	name := fmt.Sprintf("new-%05d", s)
+	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port, -1-s); err != nil {
+		return 0, 0, err
+	}
+	q := url.Values{"serviceName": {name}, "servicePath": {servicePath(name)}}
+	if w.h.cfg.SkipCheck {
+		q.Set("skipCheck", "true")
+	}
+	pctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	served := make(chan time.Duration, 1)
+	t0 := time.Now()
+	go func() {
+		c := newClient(5 * time.Second)
+		for pctx.Err() == nil {
+			if ok, _ := w.fromBackend(pctx, c, w.proxyURL(name)); ok {
+				served <- time.Since(t0)
+				return
+			}
+			select {
+			case <-pctx.Done():
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	if err := w.reconfigure(ctx, http.DefaultClient, q.Encode()); err != nil {
+		return 0, 0, err
+	}
+	call = time.Since(t0)
+	select {
+	case latency = <-served:
+		return latency, call, nil
+	case <-pctx.Done():
+		return 0, 0, fmt.Errorf("%s not served within %s of its reconfigure", name, callTimeout)
+	}
+}
+
+func startProfile(path string) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("cpu profile: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// Item 3: requests per second, proxied and direct, in the same run.
+
+func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
+	svc := serviceName(n / 2)
+	proxied, perr := h.load(ctx, w.proxyURL(svc))
+	direct, derr := h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)))
+	tool := "wrk"
+	if h.wrk == "" {
+		tool = "Go load generator"
+	}
+	how := fmt.Sprintf(", %s -c%d %s", tool, h.cfg.Connections, h.cfg.RPSDuration)
+	h.add(Row{Item: 3, Measure: "requests/s proxied" + how, Services: n, Value: fmt.Sprintf("%.0f", proxied.rps), Num: proxied.rps, Err: perr})
+	h.add(Row{Item: 3, Measure: "requests/s direct" + how, Services: n, Value: fmt.Sprintf("%.0f", direct.rps), Num: direct.rps, Err: derr})
+	var err error
+	if perr != nil || derr != nil {
+		err = errors.Join(perr, derr)
+	} else if proxied.failed > 0 || direct.failed > 0 {
+		err = fmt.Errorf("failed requests: %d proxied, %d direct", proxied.failed, direct.failed)
+	}
+	ratio := 0.0
+	if direct.rps > 0 {
+		ratio = proxied.rps / direct.rps
+	}
+	h.add(Row{Item: 3, Measure: "requests/s proxied / direct", Services: n, Value: fmt.Sprintf("%.2f", ratio), Num: ratio,
+		Target: ">= 0.50", Met: verdict(err == nil && ratio >= 0.5), Err: err})
+}
+
+// Item 4: failed requests while reconfiguring.
+
+// churnRows sends requests through the proxy to a routed service from Connections/4 keep-alive
+// clients for ChurnDuration while reconfigure is called ChurnRate times a second, alternating a
+// second path on another service, which each time changes the ACLs and so needs a reload.
+func (h *harness) churnRows(ctx context.Context, w *world, n int) {
+	target := w.proxyURL(serviceName(n / 2))
+	other := serviceName((n/2 + 1) % n)
+	before, perr := w.srv.HAProxy().ShowProc(ctx)
+
+	cctx, cancel := context.WithTimeout(ctx, h.cfg.ChurnDuration)
+	defer cancel()
+	var total, failed atomic.Int64
+	var errMu sync.Mutex
+	var firstErrs []string
+	var wg sync.WaitGroup
+	clients := max(h.cfg.Connections/4, 1)
+	for g := 0; g < clients; g++ {
+		c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+		wg.Go(func() {
+			defer c.CloseIdleConnections()
+			for cctx.Err() == nil {
+				ok, err := w.fromBackend(context.WithoutCancel(cctx), c, target)
+				total.Add(1)
+				if !ok {
+					failed.Add(1)
+					errMu.Lock()
+					if len(firstErrs) < 5 {
+						firstErrs = append(firstErrs, fmt.Sprintf("%v", err))
+					}
+					errMu.Unlock()
+				}
+			}
+		})
+	}
+	var calls, callErrs, skipped atomic.Int64
+	inflight := make(chan struct{}, 8)
+	tick := time.NewTicker(time.Second / time.Duration(h.cfg.ChurnRate))
+	api := &http.Client{Timeout: callTimeout}
+	for i := 0; cctx.Err() == nil; i++ {
+		select {
+		case <-cctx.Done():
+			continue
+		case <-tick.C:
+		}
+		paths := servicePath(other)
+		if i%2 == 0 {
+			paths += "," + servicePath(other+"-alt")
+		}
+		q := url.Values{"serviceName": {other}, "servicePath": {paths}}
+		if h.cfg.SkipCheck {
+			q.Set("skipCheck", "true")
+		}
+		select {
+		case inflight <- struct{}{}:
+		default:
+			skipped.Add(1)
+			continue
+		}
+		calls.Add(1)
+		wg.Go(func() {
+			defer func() { <-inflight }()
+			if err := w.reconfigure(context.WithoutCancel(ctx), api, q.Encode()); err != nil {
+				callErrs.Add(1)
+				h.say("item 4: %v", err)
+			}
+		})
+	}
+	tick.Stop()
+	wg.Wait()
+	after, aerr := w.srv.HAProxy().ShowProc(ctx)
+	reloads := "?"
+	if perr == nil && aerr == nil {
+		reloads = strconv.Itoa(after.Reloads - before.Reloads)
+	}
+	how := fmt.Sprintf("%d reconfigure calls (%d failed, %d skipped: 8 in flight), %s reloads, %d clients, %s",
+		calls.Load(), callErrs.Load(), skipped.Load(), reloads, clients, h.cfg.ChurnDuration)
+	h.say("item 4: %s; first errors: %v", how, firstErrs)
+	var err error
+	if total.Load() == 0 {
+		err = errors.New("no request was sent")
+	}
+	f := float64(failed.Load())
+	h.add(Row{Item: 4, Measure: "failed requests while reconfiguring (" + how + ")", Services: n,
+		Value: fmt.Sprintf("%d of %d", failed.Load(), total.Load()), Num: f, Target: "0", Met: verdict(err == nil && f == 0), Err: err})
+}
+
+// Where the time goes, at the largest size.
+
+func (h *harness) phaseRows(ctx context.Context, w *world, n int) {
+	add := func(measure string, d time.Duration, err error) {
+		h.addPhase(Row{Measure: measure, Services: n, Value: fmtMS(d), Num: ms(d), Err: err})
+	}
+	add(fmt.Sprintf("setup: %d routes written to KV (transactions of 64 operations)", n), w.setupKV, nil)
+	add(fmt.Sprintf("setup: %d instances registered (/v1/catalog/register, %d workers)", n*w.instances, regWorkers), w.setupCat, nil)
+
+	store := consul.NewStore(w.client, instanceName)
+	t0 := time.Now()
+	routes, _, err := store.List(ctx)
+	add("consul: read the route table from KV", time.Since(t0), err)
+
+	t0 = time.Now()
+	for _, r := range routes {
+		if _, err = w.client.Instances(ctx, r.ServiceName, consul.HealthPassing); err != nil {
+			break
+		}
+	}
+	add(fmt.Sprintf("consul: read the instances of %d services, one after the other", len(routes)), time.Since(t0), err)
+
+	t0 = time.Now()
+	cfg, err := w.get(ctx, "/v1/docker-flow-proxy/config")
+	add(fmt.Sprintf("render: GET /config (renders the table, %d KB)", len(cfg)/1024), time.Since(t0), err)
+
+	served := w.srv.HAProxy().Config()
+	var hap string
+	if err := h.tbCall(func() { hap = testenv.HAProxyBin(h.tb) }); err == nil {
+		d, err := haproxyCheck(ctx, hap, w.dir, served)
+		add("haproxy -c of the served config", d, err)
+	}
+
+	t0 = time.Now()
+	err = w.srv.HAProxy().Reload(ctx, served)
+	add("haproxy: Reload of the same config (haproxy -c, then SIGUSR2 until the new worker serves)", time.Since(t0), err)
+}
+
+func (w *world) get(ctx context.Context, path string) ([]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.apiURL+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	return b, err
+}
+
+// haproxyCheck times `haproxy -c` of cfg, written to a file of dir.
+func haproxyCheck(ctx context.Context, bin, dir string, cfg []byte) (time.Duration, error) {
+	path := filepath.Join(dir, "bench-check.cfg")
+	if err := os.WriteFile(path, cfg, 0o600); err != nil {
+		return 0, fmt.Errorf("haproxy -c: %w", err)
+	}
+	defer os.Remove(path)
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	t0 := time.Now()
+	out, err := exec.CommandContext(ctx, bin, "-c", "-q", "-f", path).CombinedOutput()
+	d := time.Since(t0)
+	if err != nil {
+		return d, fmt.Errorf("haproxy -c: %w: %s", err, out)
+	}
+	return d, nil
+}
