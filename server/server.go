@@ -124,6 +124,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.HTTPPort = cfg.HTTPPort
 	settings.HTTPSPort = cfg.HTTPSPort
 	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
+	settings.MapsDir = filepath.Join(cfg.ConfigDir, "maps")
 	settings.Users = users
 	settings.StatsPort, settings.StatsUser = cfg.StatsPort, statsUser
 	if cfg.CertsDir != "" {

@@ -27,8 +27,10 @@ const (
 	instanceName = "docker-flow"
 	// The instances are registered on nodes of their own (not the agent's, whose anti-entropy
 	// would remove services its local state does not know), servicesPerNode services on each:
-	// a registration costs Consul more the more services its node holds.
-	servicesPerNode = 10
+	// a registration costs Consul more the more services its node holds, and the server watches
+	// each node with one blocking query (one connection; Consul allows 200 per client by
+	// default), so 10,000 services make 50 nodes, as 50 Docker hosts would.
+	servicesPerNode = 200
 	txnOps          = 64 // Consul's limit of operations per transaction
 	kvWorkers       = 4
 	regWorkers      = 16
