@@ -62,12 +62,19 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 			// A Consul that has just come back may not serve every read yet: retry until it does
 			// (the watches' news waits, merged, meanwhile).
 			for backoff := 250 * time.Millisecond; ; backoff = min(2*backoff, 2*time.Second) {
-				err := s.proxy.Reload(ctx, true)
-				if err == nil || ctx.Err() != nil {
-					break
+				// A starting Consul accepts requests before it answers them: wait, a second at a
+				// time, until it has a leader, so that the reads of the convergence do not hang.
+				pctx, cancel := context.WithTimeout(ctx, time.Second)
+				err := s.consul.Ping(pctx)
+				cancel()
+				if err == nil {
+					err = s.proxy.Reload(ctx, true)
+					if err != nil && !errors.Is(err, proxy.ErrConsul) && ctx.Err() == nil {
+						s.log.Error("converging to consul's state failed", "error", err)
+						break
+					}
 				}
-				if !errors.Is(err, proxy.ErrConsul) {
-					s.log.Error("converging to consul's state failed", "error", err)
+				if err == nil || ctx.Err() != nil {
 					break
 				}
 				s.log.Warn("converging to consul's state failed; retrying", "error", err, "retry_in", backoff)
