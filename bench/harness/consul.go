@@ -22,7 +22,7 @@ type agent struct {
 
 // startConsul starts the Consul agent of a world: testenv's, with Consul's default limits, or,
 // when maxConns > 0, the same dev agent with limits.http_max_conns_per_client raised to maxConns
-// (the server keeps one blocking query open per routed service).
+// (the server keeps one blocking query open per Consul node, plus a few).
 func (h *harness) startConsul(ctx context.Context, maxConns int) (*agent, error) {
 	if maxConns <= 0 {
 		var c *testenv.Consul
