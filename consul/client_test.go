@@ -1,7 +1,6 @@
 package consul
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -17,27 +16,9 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
-// logBuffer collects a client's log lines for assertions; safe for concurrent use.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func newClient(t *testing.T, addresses ...string) (*Client, *logBuffer) {
+func newClient(t *testing.T, addresses ...string) (*Client, *testenv.LogBuffer) {
 	t.Helper()
-	logs := &logBuffer{}
+	logs := &testenv.LogBuffer{}
 	c, err := New(addresses, slog.New(slog.NewTextHandler(logs, nil)))
 	if err != nil {
 		t.Fatalf("New(%q): %v", addresses, err)

@@ -23,7 +23,7 @@ import (
 // watchRun is a Watcher running in the background for one test.
 type watchRun struct {
 	w      *Watcher
-	logs   *logBuffer
+	logs   *testenv.LogBuffer
 	cancel context.CancelFunc
 	done   chan struct{} // closed when Run has returned
 	err    error         // Run's result, once done is closed
@@ -33,7 +33,7 @@ type watchRun struct {
 // set, changes the watcher before Run.
 func startWatcher(t *testing.T, c *Client, store *Store, filter HealthFilter, services []string, tune func(*Watcher)) *watchRun {
 	t.Helper()
-	logs := &logBuffer{}
+	logs := &testenv.LogBuffer{}
 	w := NewWatcher(c, store, filter, slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	w.Services(services)
 	if tune != nil {

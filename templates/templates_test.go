@@ -447,7 +447,7 @@ func TestRenderFailsOverToTheNextAddress(t *testing.T) {
 	up := testenv.StartConsul(t)
 	up.RegisterService("books-ms", "books-ms-1", "127.0.0.1", 8001)
 
-	var logs syncBuffer
+	var logs testenv.LogBuffer
 	r := templates.New("testdata", []string{down.Addr, up.Addr}, 5*time.Second,
 		slog.New(slog.NewTextHandler(&logs, nil)))
 	want := "backend books-ms-be\n    mode http\n    server test-node_8001 127.0.0.1:8001 check\n"
@@ -464,24 +464,6 @@ func TestRenderFailsOverToTheNextAddress(t *testing.T) {
 	if n := strings.Count(logs.String(), "consul="+down.Addr); n != 1 {
 		t.Errorf("the stopped agent was tried %d times in two renders, want once; logs:\n%s", n, logs.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer for a logger used by several goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // An agent that accepts connections and never answers (a paused or wedged agent) cannot be made
