@@ -84,7 +84,8 @@ func (e *env) startProxyWith(instanceName string, edit func(*Config)) *running {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { os.RemoveAll(dir) })
-	httpPort := testenv.FreePort(e.t)
+	ports := testenv.FreePorts(e.t, 3)
+	httpPort := ports[0]
 	level := slog.LevelWarn
 	if testing.Verbose() {
 		level = slog.LevelInfo
@@ -96,8 +97,8 @@ func (e *env) startProxyWith(instanceName string, edit func(*Config)) *running {
 		InstanceName:    instanceName,
 		BindAddress:     "127.0.0.1",
 		HTTPPort:        httpPort,
-		HTTPSPort:       testenv.FreePort(e.t),
-		APIPort:         testenv.FreePort(e.t),
+		HTTPSPort:       ports[1],
+		APIPort:         ports[2],
 		ConfigDir:       dir,
 		Health:          consul.HealthPassing,
 		HAProxyBin:      testenv.HAProxyBin(e.t),

@@ -65,10 +65,11 @@ func TestServerFromEnvAndClientCommands(t *testing.T) {
 // every test needs, and returns its API and HTTP addresses once its API answers.
 func startServerFromEnv(t *testing.T, env map[string]string) (apiAddr, httpAddr string) {
 	t.Helper()
-	httpPort, apiPort := testenv.FreePort(t), testenv.FreePort(t)
+	ports := testenv.FreePorts(t, 3)
+	httpPort, apiPort := ports[0], ports[1]
 	base := map[string]string{
 		"BIND_ADDRESS": "127.0.0.1",
-		"HTTP_PORT":    strconv.Itoa(httpPort), "HTTPS_PORT": strconv.Itoa(testenv.FreePort(t)),
+		"HTTP_PORT":    strconv.Itoa(httpPort), "HTTPS_PORT": strconv.Itoa(ports[2]),
 		"API_PORT": strconv.Itoa(apiPort), "CONFIG_DIR": t.TempDir(), "CERTS_DIR": t.TempDir(),
 		"TEMPLATES_DIR": t.TempDir(), "HAPROXY_BIN": testenv.HAProxyBin(t), "LOG_LEVEL": "warn",
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"os/exec"
 	"strconv"
 	"sync"
@@ -42,15 +43,16 @@ func StartConsulServer(t testing.TB) *Consul {
 func startConsul(t testing.TB, mode ...string) *Consul {
 	t.Helper()
 	bin := ConsulBin(t)
-	httpPort := FreePort(t)
+	ports := FreePorts(t, 4)
+	httpPort := ports[0]
 	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
 	c.args = append(append([]string{"agent"}, mode...),
 		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", "test-node", "-log-level", "warn",
 		"-http-port", strconv.Itoa(httpPort),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
-		"-serf-lan-port", strconv.Itoa(FreePort(t)),
-		"-serf-wan-port", strconv.Itoa(FreePort(t)),
-		"-server-port", strconv.Itoa(FreePort(t)),
+		"-serf-lan-port", strconv.Itoa(ports[1]),
+		"-serf-wan-port", strconv.Itoa(ports[2]),
+		"-server-port", strconv.Itoa(ports[3]),
 	)
 	c.Start()
 	t.Cleanup(c.Stop)
@@ -87,6 +89,10 @@ func (c *Consul) Start() {
 				return
 			}
 		}
+		if exited(cmd.Process.Pid) {
+			c.Stop()
+			c.t.Fatalf("consul exited before it was ready; its output:\n%s", c.Output())
+		}
 		select {
 		case <-ctx.Done():
 			c.Stop()
@@ -94,6 +100,17 @@ func (c *Consul) Start() {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// exited reports whether the child pid has exited (a zombie not yet waited for, or gone).
+func exited(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	// The state follows the command's name, which is in parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && (b[i+2] == 'Z' || b[i+2] == 'X')
 }
 
 // Stop ends the agent and waits for it (bounded).
