@@ -1,11 +1,9 @@
 package consul
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"net/http"
 	"reflect"
 	"strings"
 	"testing"
@@ -22,22 +20,7 @@ func register(t *testing.T, agent *testenv.Consul, reg map[string]any) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, agent.URL()+"/v1/agent/service/register", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		var b bytes.Buffer
-		_, _ = b.ReadFrom(resp.Body)
-		t.Fatalf("register %s: %s %s", body, resp.Status, b.String())
-	}
+	agent.Put("/v1/agent/service/register", string(body))
 }
 
 // waitInstances waits until the catalog (which the agent syncs to in the background) lists n

@@ -1,13 +1,11 @@
 package consul
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"reflect"
 	"strings"
 	"sync"
@@ -28,20 +26,7 @@ func consulPut(t *testing.T, agent *testenv.Consul, path string, body any) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, agent.URL()+path, bytes.NewReader(b))
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("PUT %s: %s", path, resp.Status)
-	}
+	agent.Put(path, string(b))
 }
 
 // assertSameAsInstances checks that a reported list is Client.Instances' list of the moment.

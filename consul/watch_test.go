@@ -137,20 +137,7 @@ func routesNamed(want ...string) func(Update) bool {
 // agentPut sends a PUT without body to the agent API (check pass/fail).
 func agentPut(t *testing.T, agent *testenv.Consul, path string) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, agent.URL()+path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("PUT %s: %s", path, resp.Status)
-	}
+	agent.Put(path, "")
 }
 
 func TestWatcherInstances(t *testing.T) {

@@ -32,30 +32,22 @@ func (p *Proxy) SetTemplates(t Templates) {
 // already) and renders its templates.
 func (p *Proxy) backendOf(ctx context.Context, r route.Route, known map[string][]route.Instance) (route.Backend, error) {
 	be := route.Backend{Route: r}
-	if inst, ok := p.staticInstances(r.ServiceName); ok {
-		for _, svc := range r.ConsulServices() {
-			be.SetInstances(svc, inst)
-		}
-		if err := p.renderTemplates(ctx, &be); err != nil {
-			return be, err
-		}
-		return be, nil
-	}
+	listed, static := p.staticInstances(r.ServiceName)
 	for _, svc := range r.ConsulServices() {
-		if inst, ok := known[svc]; ok {
-			be.SetInstances(svc, inst)
-			continue
+		inst, ok := known[svc]
+		if static {
+			inst, ok = listed, true // listed in the environment, not read from the catalog
 		}
-		inst, err := p.catalog.Instances(ctx, svc)
-		if p.consul(OpReadInstances, err) != nil {
-			return be, fmt.Errorf("read instances of %s: %w: %w", svc, ErrConsul, err)
+		if !ok {
+			var err error
+			inst, err = p.catalog.Instances(ctx, svc)
+			if p.consul(OpReadInstances, err) != nil {
+				return be, fmt.Errorf("read instances of %s: %w: %w", svc, ErrConsul, err)
+			}
 		}
 		be.SetInstances(svc, inst)
 	}
-	if err := p.renderTemplates(ctx, &be); err != nil {
-		return be, err
-	}
-	return be, nil
+	return be, p.renderTemplates(ctx, &be)
 }
 
 // renderTemplates renders a route's custom templates into its backend. A template that cannot be

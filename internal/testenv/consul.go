@@ -169,16 +169,17 @@ func (c *Consul) get(ctx context.Context, path string) ([]byte, error) {
 func (c *Consul) RegisterService(name, id, address string, port int) {
 	c.t.Helper()
 	body := fmt.Sprintf(`{"ID":%q,"Name":%q,"Address":%q,"Port":%d}`, id, name, address, port)
-	c.put("/v1/agent/service/register", body)
+	c.Put("/v1/agent/service/register", body)
 }
 
 // DeregisterService removes an instance from the agent's catalog.
 func (c *Consul) DeregisterService(id string) {
 	c.t.Helper()
-	c.put("/v1/agent/service/deregister/"+id, "")
+	c.Put("/v1/agent/service/deregister/"+id, "")
 }
 
-func (c *Consul) put(path, body string) {
+// Put sends a PUT with body to the agent's HTTP API and fails the test unless it answers 200.
+func (c *Consul) Put(path, body string) {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
