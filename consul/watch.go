@@ -39,7 +39,8 @@ const (
 )
 
 // Update is one change seen by a Watcher. It is exactly one of: the instances of a service
-// (Instances non-nil), the route table (RoutesChanged), or an outage (Err).
+// (Instances non-nil), the route table (RoutesChanged), an outage (Err), or the end of an
+// outage (Recovered).
 type Update struct {
 	// Instances, when non-nil, is the new instance list of Service, as Client.Instances returns it:
 	// filtered, validated, sorted. A service without instances has an empty, non-nil list.
@@ -52,9 +53,12 @@ type Update struct {
 	// Err, when set, says Consul could not be read (the watcher keeps retrying, and keeps what it
 	// knew); Since is when the outage began. Consul is readable again when an update without Err
 	// follows the last one with Err: once the outage is over, the route table is reported, even
-	// unchanged, and so is every service whose instances differ from the list reported last.
+	// unchanged, and so is every service whose instances differ from the list reported last; and
+	// once no watch fails any more, an update with Recovered closes the outage.
 	Err   error
 	Since time.Time
+	// Recovered says that every watch reads Consul again after an outage was reported.
+	Recovered bool
 }
 
 // watchTiming is the watcher's pace; tests shorten it.
@@ -497,7 +501,9 @@ func (w *Watcher) outageOverLocked() {
 	}
 	w.logger.Info("consul watch: reading Consul again", "outage", time.Since(w.since).Round(time.Millisecond))
 	w.since, w.lastErr = time.Time{}, nil
-	w.dequeueLocked(updateKey{kind: kindOutage})
+	// The outage's last report may already be delivered: its end is reported in its place, after
+	// the states read again, which are newer.
+	w.enqueueLocked(updateKey{kind: kindOutage}, Update{Recovered: true})
 }
 
 // enqueueLocked queues u as the latest state of key, replacing the one queued before, and moves

@@ -111,6 +111,8 @@ func describe(u Update) string {
 		return fmt.Sprintf("{Err: %v, Since: %s}", u.Err, u.Since.Format(time.StampMilli))
 	case u.RoutesChanged:
 		return fmt.Sprintf("{Routes: %v}", names(u.Routes))
+	case u.Recovered:
+		return "{Recovered}"
 	default:
 		return fmt.Sprintf("{Service: %s, Instances: %v}", u.Service, u.Instances)
 	}
@@ -353,12 +355,17 @@ func TestWatcherConsulRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The state of the restarted agent arrives (its empty state first, possibly), and the outage
-	// is over: the latest update of each is the new state, and no Err follows.
+	// is over: the latest update of each is the new state, no Err follows, and the end of the
+	// outage is reported (a consumer whose last update said Consul was down learns it is not).
 	deadline := time.Now().Add(5 * time.Second)
-	var gotInstances, gotRoutes, down bool
-	for !gotInstances || !gotRoutes || down {
-		u, _ := r.waitFor(t, time.Until(deadline), "with the restarted agent's state", func(Update) bool { return true })
+	var gotInstances, gotRoutes, down, recovered bool
+	for !gotInstances || !gotRoutes || down || !recovered {
+		u, _ := r.waitFor(t, time.Until(deadline), "with the restarted agent's state and the end of the outage", func(Update) bool { return true })
 		down = u.Err != nil
+		recovered = (recovered || u.Recovered) && !down
+		if u.Recovered && (u.RoutesChanged || u.Instances != nil) {
+			t.Errorf("the end of the outage carries a state: %s", describe(u))
+		}
 		switch {
 		case u.RoutesChanged:
 			gotRoutes = routesNamed("go-demo")(u)
