@@ -106,7 +106,7 @@ var (
 	mapHeader        = regexp.MustCompile(`^#map /[A-Za-z0-9_./-]+/routes-[0-9a-f]{16}\.map$`)
 	mapEntry         = regexp.MustCompile(`^#    /[A-Za-z0-9\-._~!&()*+;=:@%/]* [A-Za-z0-9_.-]+-be(-[0-9]+)?$`)
 	tcpFrontend      = regexp.MustCompile(`^frontend tcp_[0-9]+$`)
-	backendNameShape = regexp.MustCompile(`-be(-[0-9]+|-(tcp|sni)-[0-9]+)?$`)
+	backendNameShape = regexp.MustCompile(`-be(-[0-9]+|-(tcp|sni)-[0-9]+)?$|^dfp-spare-[0-9]+$`)
 )
 
 // shapeError says which line of a config the renderer could not have written.

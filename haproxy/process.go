@@ -25,8 +25,10 @@ import (
 
 const (
 	defaultReloadTimeout = 30 * time.Second
-	minBackoff           = 100 * time.Millisecond
-	maxBackoff           = 5 * time.Second
+	// defaultConsolidateAfter: see Options.ConsolidateAfter.
+	defaultConsolidateAfter = 2 * time.Second
+	minBackoff              = 100 * time.Millisecond
+	maxBackoff              = 5 * time.Second
 	// stableAfter is how long HAProxy must have run for a crash to count as a new incident
 	// (restart delay back to minBackoff) rather than a crash loop.
 	stableAfter = 10 * time.Second
@@ -64,6 +66,9 @@ type Options struct {
 	Logger *slog.Logger // nil = slog.Default()
 	// ReloadTimeout bounds the wait for a new worker after a start or reload; 0 = 30s.
 	ReloadTimeout time.Duration
+	// ConsolidateAfter is how long after the last route added through the runtime API (served by a
+	// spare backend) HAProxy is reloaded to give those routes their own backends; 0 = 2s.
+	ConsolidateAfter time.Duration
 }
 
 // Process controls one HAProxy master-worker process tree. It is safe for concurrent use; Start
@@ -72,6 +77,7 @@ type Process struct {
 	bin, dir, cfgPath, sockPath string
 	log                         *slog.Logger
 	reloadTimeout               time.Duration
+	consolidateAfter            time.Duration
 
 	// validated is the digest of the last config that passed Validate; the Apply that follows with
 	// the same bytes uses it once instead of running `haproxy -c` again (the controller validates
@@ -91,15 +97,17 @@ type Process struct {
 
 	supDone chan struct{} // closed when the supervisor goroutine returns
 
-	mu        sync.Mutex
-	cur       *instance     // the HAProxy serving now; nil while down
-	up        chan struct{} // closed when cur becomes non-nil; replaced when it goes down
-	cfg       []byte        // the config cur serves
-	uncertain bool          // a reload ended without a verdict: cfg may not be what is served
-	started   bool
-	stopped   bool
-	reloading bool
-	restarts  int
+	mu          sync.Mutex
+	cur         *instance     // the HAProxy serving now; nil while down
+	up          chan struct{} // closed when cur becomes non-nil; replaced when it goes down
+	cfg         []byte        // the config cur serves
+	uncertain   bool          // a reload ended without a verdict: cfg may not be what is served
+	started     bool
+	stopped     bool
+	reloading   bool
+	restarts    int
+	ov          overlay     // names HAProxy serves under since it loaded cfg (UpdateServers)
+	consolidate *time.Timer // the reload that ends the overlay (consolidateLater)
 }
 
 // instance is one run of the HAProxy master.
@@ -139,20 +147,25 @@ func NewProcess(opts Options) *Process {
 	if timeout <= 0 {
 		timeout = defaultReloadTimeout
 	}
+	consolidate := opts.ConsolidateAfter
+	if consolidate <= 0 {
+		consolidate = defaultConsolidateAfter
+	}
 	life, stop := context.WithCancel(context.Background())
 	return &Process{
-		bin:           bin,
-		dir:           dir,
-		cfgPath:       filepath.Join(dir, "haproxy.cfg"),
-		sockPath:      filepath.Join(dir, "master.sock"),
-		log:           logger,
-		reloadTimeout: timeout,
-		life:          life,
-		stop:          stop,
-		applySem:      make(chan struct{}, 1),
-		runSem:        make(chan struct{}, 1),
-		supDone:       make(chan struct{}),
-		up:            make(chan struct{}),
+		consolidateAfter: consolidate,
+		bin:              bin,
+		dir:              dir,
+		cfgPath:          filepath.Join(dir, "haproxy.cfg"),
+		sockPath:         filepath.Join(dir, "master.sock"),
+		log:              logger,
+		reloadTimeout:    timeout,
+		life:             life,
+		stop:             stop,
+		applySem:         make(chan struct{}, 1),
+		runSem:           make(chan struct{}, 1),
+		supDone:          make(chan struct{}),
+		up:               make(chan struct{}),
 	}
 }
 
@@ -267,7 +280,11 @@ func (p *Process) apply(ctx context.Context, cfg []byte, force bool) error {
 		return fmt.Errorf("haproxy apply: %w", err)
 	}
 	defer release(p.applySem)
+	return p.applyHeld(ctx, cfg, force)
+}
 
+// applyHeld is apply with applySem held.
+func (p *Process) applyHeld(ctx context.Context, cfg []byte, force bool) error {
 	p.mu.Lock()
 	same := p.started && !p.uncertain && bytes.Equal(p.cfg, cfg)
 	p.mu.Unlock()
@@ -358,6 +375,7 @@ func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry b
 	case err == nil && !rejected:
 		p.mu.Lock()
 		p.cfg = bytes.Clone(cfg)
+		p.ov = newOverlay(cfg)
 		p.uncertain = false
 		p.mu.Unlock()
 		p.log.Info("haproxy reloaded", "workers", after.Workers, "old_workers", after.OldWorkers,
@@ -418,6 +436,9 @@ func (p *Process) Stop(ctx context.Context) error {
 	}
 	p.stopped = true
 	p.stop()
+	if p.consolidate != nil {
+		p.consolidate.Stop()
+	}
 	in, started := p.cur, p.started
 	p.cur = nil
 	p.mu.Unlock()
@@ -567,6 +588,7 @@ func (p *Process) markUp(in *instance, cfg []byte, restart bool) bool {
 	if cfg != nil {
 		p.cfg = bytes.Clone(cfg)
 	}
+	p.ov = newOverlay(p.cfg) // HAProxy loaded p.cfg, which is on disk
 	if restart {
 		p.restarts++
 	}

@@ -44,7 +44,19 @@ type Settings struct {
 	// HAProxy parses on every reload. The maps are written at the end of the config as comments
 	// ("#map <file>" and its "#  <path> <backend>" lines), and Process writes the files.
 	MapsDir string
+	// SpareBackends is how many empty backends a config with maps carries (SparePrefix1, ...): a
+	// route added to a map is served at once from one of them, through the runtime API, until the
+	// next reload gives it its own backend (Process.UpdateServers). 0 = none.
+	SpareBackends int
 }
+
+// SparePrefix names the spare backends. A route's backend always ends in "-be" or "-be-<suffix>",
+// so no route can take one of these names.
+const SparePrefix = "dfp-spare-"
+
+// SpareBody is the body of a spare backend, which is also the body of a plain HTTP route's backend:
+// only such a route can be served from a spare.
+const SpareBody = "    balance roundrobin"
 
 // DefaultSettings are the settings the server starts with before flags override them.
 func DefaultSettings() Settings {
@@ -55,6 +67,7 @@ func DefaultSettings() Settings {
 		ConnectTimeout: 5 * time.Second,
 		ClientTimeout:  30 * time.Second,
 		ServerTimeout:  30 * time.Second,
+		SpareBackends:  16,
 	}
 }
 
@@ -164,6 +177,13 @@ func Render(s Settings, backends []route.Backend) []byte {
 				continue
 			}
 			writeBackend(w, be, d, len(users) > 0)
+		}
+	}
+	if len(maps) > 0 && s.StatsSocket != "" {
+		for i := 1; i <= s.SpareBackends; i++ {
+			w("")
+			w("backend %s%d", SparePrefix, i)
+			w("%s", SpareBody)
 		}
 	}
 	for _, m := range maps {

@@ -5,7 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 )
@@ -36,19 +39,127 @@ type ServerChange struct {
 	Add, Remove []Server
 }
 
-// DiffServers compares two configs as Render writes them. ok is true when they differ only in the
-// server lines of backends both have (each line `server <name> <addr>[ check]`), when no server keeps
-// its name with another address or check, and when every added server's address is an IP (HAProxy
-// does not apply default-server settings, such as init-addr, to servers added at runtime). changes
-// lists, per backend in the order of new, the servers to add and to remove; it is empty when the
-// configs are equal.
+// Delta is how a config differs from the one served when HAProxy can serve it through the runtime
+// API: servers added to and removed from existing backends, and routes added to existing maps, each
+// with a new backend that a spare backend stands in for until the next reload.
+type Delta struct {
+	Servers []ServerChange
+	// Backends are the new backends, with their servers, in the order of the config.
+	Backends []ServerChange
+	// MapAdds are the entries added to maps, named by the file the served config uses.
+	MapAdds []MapAdd
+	// Renamed maps the new config's map files to the served config's ones they extend.
+	Renamed map[string]string
+}
+
+// MapAdd is one entry added to a map.
+type MapAdd struct {
+	Map, Key, Backend string
+}
+
+// Empty reports whether the configs serve the same.
+func (d Delta) Empty() bool {
+	return len(d.Servers) == 0 && len(d.Backends) == 0 && len(d.MapAdds) == 0
+}
+
+// DiffServers is Diff for a config that adds no route: ok is false when new adds a backend.
 func DiffServers(old, new []byte) (changes []ServerChange, ok bool) {
-	o, ok1 := parseServers(old)
-	n, ok2 := parseServers(new)
-	if !ok1 || !ok2 || !bytes.Equal(o.skeleton, n.skeleton) {
+	d, ok := Diff(old, new)
+	if !ok || len(d.Backends) > 0 || len(d.MapAdds) > 0 {
 		return nil, false
 	}
+	return d.Servers, true
+}
+
+// Diff compares two configs as Render writes them. ok is true when new differs from old only in:
+//   - the server lines of backends both have (each `server <name> <addr>[ check]`), where no server
+//     keeps its name with another address or check, and every added server's address is an IP
+//     (HAProxy does not apply default-server settings, such as init-addr, to servers added at run time);
+//   - new backends whose body is a spare backend's (SpareBody) and whose servers are such lines, when
+//     old has spare backends;
+//   - entries added to maps (no entry removed or changed), whose keys the runtime API can carry.
+//
+// Everything else, blank lines aside, must be equal once a map's new file name is read as its old
+// one. The lists follow the order of new; the Delta is empty when the configs serve the same.
+func Diff(old, new []byte) (Delta, bool) {
+	o, ok1 := parseConfig(old)
+	n, ok2 := parseConfig(new)
+	if !ok1 || !ok2 || len(o.mapOrder) != len(n.mapOrder) {
+		return Delta{}, false
+	}
+	var d Delta
+	isNew := map[string]bool{}
 	for _, be := range n.backends {
+		if _, had := o.servers[be]; !had {
+			isNew[be] = true
+		}
+	}
+	if len(o.backends)+len(isNew) != len(n.backends) {
+		return Delta{}, false // a backend was removed
+	}
+	if len(isNew) > 0 && !o.hasSpare {
+		return Delta{}, false
+	}
+	// Maps pair up in the order the config uses them; each new one must extend its old one.
+	renames := map[string]string{}
+	for i, nm := range n.mapOrder {
+		om := o.mapOrder[i]
+		had := map[string]bool{}
+		for _, e := range o.maps[om] {
+			had[e] = true
+		}
+		kept := 0
+		for _, e := range n.maps[nm] {
+			if had[e] {
+				kept++
+				continue
+			}
+			f := strings.Fields(e)
+			if len(f) != 2 || !runtimeKey(f[0]) || !slices.Contains(n.backends, f[1]) {
+				return Delta{}, false
+			}
+			d.MapAdds = append(d.MapAdds, MapAdd{Map: om, Key: f[0], Backend: f[1]})
+		}
+		if kept != len(o.maps[om]) {
+			return Delta{}, false // an entry was removed or changed
+		}
+		if nm != om {
+			renames[nm] = om
+		}
+	}
+	// The rest must be equal, new backends left out and map files renamed.
+	j := 0
+	for _, l := range n.lines {
+		if isNew[l.backend] {
+			continue
+		}
+		text := l.text
+		if strings.Contains(text, "map_beg(") {
+			for nm, om := range renames {
+				text = strings.ReplaceAll(text, nm, om)
+			}
+		}
+		if j >= len(o.lines) || o.lines[j].text != text {
+			return Delta{}, false
+		}
+		j++
+	}
+	if j != len(o.lines) {
+		return Delta{}, false
+	}
+	for _, be := range n.backends {
+		if isNew[be] {
+			if !slices.Equal(n.bodies[be], []string{SpareBody}) {
+				return Delta{}, false
+			}
+			for _, s := range n.servers[be] {
+				if !ipAddr(s.Addr) {
+					return Delta{}, false
+				}
+			}
+			d.Backends = append(d.Backends, ServerChange{Backend: be, Add: n.servers[be]})
+			continue
+		}
 		before, after := o.servers[be], n.servers[be]
 		ch := ServerChange{Backend: be}
 		for _, s := range before {
@@ -60,21 +171,34 @@ func DiffServers(old, new []byte) (changes []ServerChange, ok bool) {
 			prev, kept := find(before, s.Name)
 			if kept {
 				if prev != s {
-					return nil, false
+					return Delta{}, false
 				}
 				continue
 			}
-			host, _, err := net.SplitHostPort(s.Addr)
-			if err != nil || net.ParseIP(host) == nil {
-				return nil, false
+			if !ipAddr(s.Addr) {
+				return Delta{}, false
 			}
 			ch.Add = append(ch.Add, s)
 		}
 		if len(ch.Add) > 0 || len(ch.Remove) > 0 {
-			changes = append(changes, ch)
+			d.Servers = append(d.Servers, ch)
 		}
 	}
-	return changes, true
+	if len(renames) > 0 {
+		d.Renamed = renames
+	}
+	return d, true
+}
+
+// runtimeKey reports whether a map key can be sent as one word of a runtime API command: no
+// spaces, no ';' (which separates commands), no '\' (which escapes) and no '#'.
+func runtimeKey(k string) bool {
+	return k != "" && !strings.ContainsAny(k, " \t;\\#")
+}
+
+func ipAddr(hostport string) bool {
+	host, _, err := net.SplitHostPort(hostport)
+	return err == nil && net.ParseIP(host) != nil
 }
 
 func find(ss []Server, name string) (Server, bool) {
@@ -86,42 +210,77 @@ func find(ss []Server, name string) (Server, bool) {
 	return Server{}, false
 }
 
-// parsedConfig is a config split into its server lines and everything else.
+// parsedConfig is a config split into its server lines, the bodies of its backends, its maps and
+// everything else.
 type parsedConfig struct {
-	skeleton []byte              // every line but the server lines of backends
+	lines    []cfgLine           // every non-blank line but the server lines of backends and the map trailer
 	backends []string            // backend names in order
 	servers  map[string][]Server // by backend
+	bodies   map[string][]string // the other lines of each backend
+	hasSpare bool                // a backend is a spare one
+	maps     map[string][]string // map file to its lines
+	mapOrder []string            // map files in the order the config uses them
 }
 
-// parseServers splits cfg. ok is false when a server line is not one Render writes, or a server
-// name repeats in a backend.
-func parseServers(cfg []byte) (parsedConfig, bool) {
-	pc := parsedConfig{servers: map[string][]Server{}}
-	var skel bytes.Buffer
+type cfgLine struct {
+	text    string
+	backend string // the backend the line is in ("" outside backends)
+}
+
+var mapUse = regexp.MustCompile(`map_beg\(([^)]+)\)`)
+
+// parseConfig splits cfg. ok is false when a server line is not one Render writes, or a server
+// name or backend repeats.
+func parseConfig(cfg []byte) (parsedConfig, bool) {
+	pc := parsedConfig{servers: map[string][]Server{}, bodies: map[string][]string{}, maps: map[string][]string{}}
+	text := string(cfg)
+	if i := strings.Index(text, "\n"+MapMarker+" "); i >= 0 {
+		for path, content := range mapsOf(cfg) {
+			pc.maps[path] = strings.Split(strings.TrimSuffix(string(content), "\n"), "\n")
+		}
+		text = text[:i+1]
+	}
 	backend := ""
-	for _, line := range strings.SplitAfter(string(cfg), "\n") {
+	seenMap := map[string]bool{}
+	for _, line := range strings.Split(text, "\n") {
 		f := strings.Fields(line)
-		if line != "" && line[0] != ' ' && line[0] != '\t' && len(f) > 0 {
+		if len(f) == 0 {
+			continue
+		}
+		if line[0] != ' ' && line[0] != '\t' {
 			backend = ""
 			if f[0] == "backend" && len(f) == 2 {
 				backend = f[1]
+				if _, dup := pc.servers[backend]; dup {
+					return parsedConfig{}, false
+				}
 				pc.backends = append(pc.backends, backend)
+				pc.servers[backend] = nil
+				pc.hasSpare = pc.hasSpare || strings.HasPrefix(backend, SparePrefix)
+			}
+		} else if backend != "" && f[0] == "server" {
+			if len(f) < 3 || len(f) > 4 || (len(f) == 4 && f[3] != "check") {
+				return parsedConfig{}, false
+			}
+			s := Server{Name: f[1], Addr: f[2], Check: len(f) == 4}
+			if _, dup := find(pc.servers[backend], s.Name); dup {
+				return parsedConfig{}, false
+			}
+			pc.servers[backend] = append(pc.servers[backend], s)
+			continue
+		} else if backend != "" {
+			pc.bodies[backend] = append(pc.bodies[backend], line)
+		}
+		if strings.Contains(line, "map_beg(") {
+			for _, m := range mapUse.FindAllStringSubmatch(line, -1) {
+				if !seenMap[m[1]] {
+					seenMap[m[1]] = true
+					pc.mapOrder = append(pc.mapOrder, m[1])
+				}
 			}
 		}
-		if backend == "" || len(f) == 0 || f[0] != "server" {
-			skel.WriteString(line)
-			continue
-		}
-		if len(f) < 3 || len(f) > 4 || (len(f) == 4 && f[3] != "check") {
-			return parsedConfig{}, false
-		}
-		s := Server{Name: f[1], Addr: f[2], Check: len(f) == 4}
-		if _, dup := find(pc.servers[backend], s.Name); dup {
-			return parsedConfig{}, false
-		}
-		pc.servers[backend] = append(pc.servers[backend], s)
+		pc.lines = append(pc.lines, cfgLine{text: line, backend: backend})
 	}
-	pc.skeleton = skel.Bytes()
 	return pc, true
 }
 
@@ -145,13 +304,19 @@ func statsSocket(cfg []byte) string {
 }
 
 // UpdateServers makes HAProxy serve cfg without a reload, through the runtime API of the stats
-// socket that cfg declares (level admin): servers are added, enabled (and their health checks with
-// `check`), and removed (maintenance, then deleted once their connections are gone). cfg must differ
-// from the config served only as DiffServers allows; otherwise it returns an error wrapping
-// ErrNeedsReload and changes nothing. cfg is validated with `haproxy -c` first (a *ConfigError).
-// On success cfg is on disk and Config returns it; the reload count does not change. On any other
-// error HAProxy may be partly updated: the caller must Apply cfg (a reload), which repairs it. A cfg
-// equal to the one served returns nil at once.
+// socket that cfg declares (level admin), when cfg differs from the config served as Diff allows:
+//   - servers are added, enabled (and their health checks with `check`), and removed (maintenance,
+//     then deleted once their connections are gone);
+//   - a new route of a map is served from a free spare backend: its servers are added there, then
+//     its map entry, pointing to the spare, is added to the map HAProxy loaded. The next reload gives
+//     it its own backend; one follows by itself once no route has been added for ConsolidateAfter,
+//     and a change that needs more spares than are free is refused (ErrNeedsReload).
+//
+// Otherwise it returns an error wrapping ErrNeedsReload and changes nothing. cfg is validated with
+// `haproxy -c` first (a *ConfigError), unless it is the config ValidatePart just passed. On success
+// cfg and its map files are on disk and Config returns it; the reload count does not change. On any
+// other error HAProxy may be partly updated: the caller must Apply cfg (a reload), which repairs it.
+// A cfg equal to the one served returns nil at once.
 func (p *Process) UpdateServers(ctx context.Context, cfg []byte) error {
 	if err := acquire(ctx, p.applySem); err != nil {
 		return fmt.Errorf("haproxy update servers: %w", err)
@@ -171,28 +336,55 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) error {
 	case in == nil || in.exited():
 		return fmt.Errorf("haproxy update servers: %w: haproxy is restarting", ErrNeedsReload)
 	}
-	changes, ok := DiffServers(old, cfg)
+	delta, ok := Diff(old, cfg)
 	if !ok {
-		return fmt.Errorf("haproxy update servers: %w: more than servers changed", ErrNeedsReload)
+		return fmt.Errorf("haproxy update servers: %w: more than servers and new map routes changed", ErrNeedsReload)
 	}
 	sock := statsSocket(cfg)
 	if sock == "" {
 		return fmt.Errorf("haproxy update servers: %w: no stats socket", ErrNeedsReload)
 	}
-	if err := p.Validate(ctx, cfg); err != nil {
-		return fmt.Errorf("haproxy update servers: %w", err)
+	p.mu.Lock()
+	free := len(p.ov.free)
+	p.mu.Unlock()
+	if len(delta.Backends) > free {
+		return fmt.Errorf("haproxy update servers: %w: %d new backends, %d spare backends free", ErrNeedsReload, len(delta.Backends), free)
+	}
+	if !p.justValidated(cfg) {
+		if err := p.Validate(ctx, cfg); err != nil {
+			return fmt.Errorf("haproxy update servers: %w", err)
+		}
 	}
 
 	if err := acquire(ctx, p.runSem); err != nil {
 		return fmt.Errorf("haproxy update servers: %w", err)
 	}
 	defer release(p.runSem)
-	if in.exited() {
+	p.mu.Lock()
+	ov := p.ov.clone() // runSem keeps a restart, which resets it, away
+	p.mu.Unlock()
+	if in.exited() || len(delta.Backends) > len(ov.free) {
 		return fmt.Errorf("haproxy update servers: %w: haproxy exited", ErrNeedsReload)
 	}
 	t0 := time.Now()
+	changes := delta.Servers
+	for _, be := range delta.Backends {
+		spare := ov.free[0]
+		ov.free = ov.free[1:]
+		ov.backends[be.Backend] = spare
+		changes = append(changes, be)
+	}
+	for i := range changes {
+		changes[i].Backend = ov.backend(changes[i].Backend)
+	}
 	added, removed, err := p.changeServers(ctx, sock, changes)
 	if err == nil {
+		err = p.addMapEntries(ctx, sock, ov, delta.MapAdds)
+	}
+	if err == nil {
+		for newName, oldName := range delta.Renamed {
+			ov.maps[newName] = ov.mapFile(oldName)
+		}
 		err = p.writeFile(p.cfgPath, cfg)
 	}
 	if err != nil {
@@ -204,10 +396,114 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) error {
 	}
 	p.mu.Lock()
 	p.cfg = bytes.Clone(cfg)
+	p.ov = ov
 	p.mu.Unlock()
-	p.log.Info("haproxy servers changed without a reload", "added", added, "removed", removed,
+	p.log.Info("haproxy changed without a reload", "servers_added", added, "servers_removed", removed,
+		"routes_added", len(delta.MapAdds), "spares_free", len(ov.free),
 		"duration", time.Since(t0).Round(time.Millisecond))
+	if len(delta.Backends) > 0 {
+		p.consolidateLater()
+	}
 	return nil
+}
+
+// addMapEntries adds the entries to the maps HAProxy loaded, each pointing to the backend that
+// serves its route now.
+func (p *Process) addMapEntries(ctx context.Context, sock string, ov overlay, adds []MapAdd) error {
+	for _, a := range adds {
+		if err := runtimeCmd(ctx, sock, "add map "+ov.mapFile(a.Map)+" "+a.Key+" "+ov.backend(a.Backend), ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// overlay is how the HAProxy running differs in names from the config served after routes were
+// added through the runtime API: a map file of the config may be one HAProxy loaded under an older
+// name, and a backend may be served by a spare. A reload or restart loads the config, and so
+// starts a new overlay.
+type overlay struct {
+	maps     map[string]string // map file of the config -> the one HAProxy loaded
+	backends map[string]string // backend of the config -> the spare that serves it
+	free     []string          // spares that serve nothing
+}
+
+// newOverlay is the overlay of a config HAProxy just loaded: every spare is free.
+func newOverlay(cfg []byte) overlay {
+	ov := overlay{maps: map[string]string{}, backends: map[string]string{}}
+	for _, line := range strings.Split(string(cfg), "\n") {
+		if name, ok := strings.CutPrefix(line, "backend "+SparePrefix); ok {
+			ov.free = append(ov.free, SparePrefix+strings.TrimSpace(name))
+		}
+	}
+	return ov
+}
+
+func (ov overlay) clone() overlay {
+	c := overlay{maps: maps.Clone(ov.maps), backends: maps.Clone(ov.backends), free: slices.Clone(ov.free)}
+	if c.maps == nil {
+		c.maps = map[string]string{}
+	}
+	if c.backends == nil {
+		c.backends = map[string]string{}
+	}
+	return c
+}
+
+// inUse reports whether a spare serves a route.
+func (ov overlay) inUse() bool { return len(ov.backends) > 0 }
+
+func (ov overlay) backend(name string) string {
+	if s, ok := ov.backends[name]; ok {
+		return s
+	}
+	return name
+}
+
+func (ov overlay) mapFile(name string) string {
+	if m, ok := ov.maps[name]; ok {
+		return m
+	}
+	return name
+}
+
+// consolidateLater schedules the reload that gives the routes served by spares their own backends,
+// ConsolidateAfter after the last route added.
+func (p *Process) consolidateLater() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.stopped {
+		return
+	}
+	if p.consolidate == nil {
+		p.consolidate = time.AfterFunc(p.consolidateAfter, p.consolidateNow)
+		return
+	}
+	p.consolidate.Reset(p.consolidateAfter)
+}
+
+func (p *Process) consolidateNow() {
+	ctx, cancel := context.WithTimeout(p.life, 2*p.reloadTimeout)
+	defer cancel()
+	if err := acquire(ctx, p.applySem); err != nil {
+		return
+	}
+	defer release(p.applySem)
+	p.mu.Lock()
+	due := p.started && !p.stopped && !p.uncertain && p.ov.inUse()
+	cfg := p.cfg
+	p.mu.Unlock()
+	if !due {
+		return
+	}
+	if err := p.applyHeld(ctx, cfg, true); err != nil {
+		if p.life.Err() == nil {
+			// The spares keep serving their routes; the next reload tries again.
+			p.log.Error("haproxy: the reload that gives added routes their own backends failed", "error", err)
+		}
+		return
+	}
+	p.log.Info("haproxy reloaded: the routes added through the runtime API have their own backends")
 }
 
 // changeServers adds every new server first (so a backend whose servers are replaced never goes

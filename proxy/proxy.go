@@ -570,46 +570,48 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 	return nil
 }
 
-// serverUpdater is an HAProxy that can change the servers of its backends without a reload.
+// serverUpdater is an HAProxy that can change the servers of its backends, and add routes to its
+// maps, without a reload.
 type serverUpdater interface {
 	UpdateServers(ctx context.Context, cfg []byte) error
 }
 
 // applyLocked makes HAProxy serve cfg. When cfg differs from the config of the table served only in
-// the servers of existing backends, it goes through the runtime API (no reload); otherwise, or when
-// that fails, by a validated reload, which also repairs a partly done runtime update.
+// the servers of existing backends, or in plain routes added to a map, it goes through the runtime
+// API (no reload); otherwise, or when that fails, by a validated reload, which also repairs a partly
+// done runtime update.
 func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	up, ok := p.haproxy.(serverUpdater)
 	if !ok {
 		return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
-	changes, serversOnly := haproxy.DiffServers(p.servedLocked(), cfg)
-	if serversOnly && len(changes) == 0 {
+	delta, runtime := haproxy.Diff(p.servedLocked(), cfg)
+	if runtime && delta.Empty() {
 		return p.haproxy.Apply(ctx, cfg) // the same config: no reload, nothing to log
 	}
 	added, removed := 0, 0
-	for _, c := range changes {
+	for _, c := range delta.Servers {
 		added += len(c.Add)
 		removed += len(c.Remove)
 	}
-	if serversOnly {
+	if runtime {
 		err := up.UpdateServers(ctx, cfg)
 		p.obs.RuntimeUpdate(err)
 		if err == nil {
-			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(changes),
-				"servers_added", added, "servers_removed", removed)
+			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(delta.Servers),
+				"servers_added", added, "servers_removed", removed, "routes_added", len(delta.MapAdds))
 			return nil
 		}
 		lvl := slog.LevelWarn
 		if errors.Is(err, haproxy.ErrNeedsReload) {
-			lvl = slog.LevelInfo // refused before any change (no stats socket, say)
+			lvl = slog.LevelInfo // refused before any change (no spare backend left, say)
 		}
-		p.log.Log(ctx, lvl, "changing servers through the runtime API failed; reloading instead", "error", err)
+		p.log.Log(ctx, lvl, "changing HAProxy through the runtime API failed; reloading instead", "error", err)
 	}
 	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return err
 	}
-	p.log.Info("haproxy updated", "path", "reload", "servers_only", serversOnly,
+	p.log.Info("haproxy updated", "path", "reload", "runtime_possible", runtime,
 		"servers_added", added, "servers_removed", removed)
 	return nil
 }

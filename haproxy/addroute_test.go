@@ -1,0 +1,345 @@
+package haproxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// plainRoutes are n plain routes /svc-<i>, each with one instance on 10.0.0.<i+1>:80.
+func plainRoutes(n int) []route.Backend {
+	var bs []route.Backend
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		bs = append(bs, route.Backend{
+			Route:     route.Route{ServiceName: name, ServicePath: []string{"/" + name}, PathType: route.PathBeg},
+			Instances: []route.Instance{{Address: fmt.Sprintf("10.0.0.%d", i+1), Port: 80}},
+		})
+	}
+	return bs
+}
+
+func newRoute(name string, inst []route.Instance, paths ...string) route.Backend {
+	return route.Backend{Route: route.Route{ServiceName: name, ServicePath: paths, PathType: route.PathBeg}, Instances: inst}
+}
+
+func TestDiffAddedRoutes(t *testing.T) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	s.SpareBackends = 2
+	base := plainRoutes(MinMapRoutes + 1)
+	one := []route.Instance{{Address: "10.1.0.1", Port: 8080}}
+	old := Render(s, base)
+	with := func(extra ...route.Backend) []byte {
+		return Render(s, append(append([]route.Backend{}, base...), extra...))
+	}
+	oldMap := mapUse.FindStringSubmatch(string(old))[1]
+
+	t.Run("a plain route", func(t *testing.T) {
+		next := with(newRoute("new", one, "/new"))
+		d, ok := Diff(old, next)
+		if !ok {
+			t.Fatalf("Diff refuses a plain route added to the map:\n%s", next)
+		}
+		newMap := mapUse.FindStringSubmatch(string(next))[1]
+		want := Delta{
+			Backends: []ServerChange{{Backend: "new-be", Add: []Server{{Name: "10.1.0.1:8080", Addr: "10.1.0.1:8080", Check: true}}}},
+			MapAdds:  []MapAdd{{Map: oldMap, Key: "/new", Backend: "new-be"}},
+			Renamed:  map[string]string{newMap: oldMap},
+		}
+		if !reflect.DeepEqual(d, want) {
+			t.Fatalf("Diff = %+v\nwant %+v", d, want)
+		}
+		if _, ok := DiffServers(old, next); ok {
+			t.Fatal("DiffServers accepts a new backend")
+		}
+	})
+	t.Run("two routes and a server of an existing one", func(t *testing.T) {
+		changed := append([]route.Backend{}, base...)
+		changed[2].Instances = append(changed[2].Instances, route.Instance{Address: "10.9.9.9", Port: 81})
+		next := Render(s, append(changed, newRoute("a", one, "/a1", "/a2"), newRoute("b", nil, "/b")))
+		d, ok := Diff(old, next)
+		if !ok || len(d.Backends) != 2 || len(d.MapAdds) != 3 || len(d.Servers) != 1 || d.Servers[0].Backend != "svc-2-be" {
+			t.Fatalf("Diff = %+v, %v", d, ok)
+		}
+	})
+
+	refused := map[string][]byte{
+		"no spare backends": func() []byte {
+			s := s
+			s.SpareBackends = 0
+			return Render(s, append(append([]route.Backend{}, base...), newRoute("new", one, "/new")))
+		}(),
+		"a route with options in its backend": func() []byte {
+			r := newRoute("new", one, "/new")
+			r.Route.TimeoutServer = 5
+			return with(r)
+		}(),
+		"a route with users": func() []byte {
+			r := newRoute("new", one, "/new")
+			r.Route.Users = []route.User{{Name: "u", Password: "p"}}
+			return with(r)
+		}(),
+		"a route outside the map": func() []byte {
+			r := newRoute("new", one, "/new")
+			r.Route.ServiceDomain = []string{"new.example.com"}
+			return with(r)
+		}(),
+		// Its /svc-1 comes first in routing order (its longest path is the longest) and shadows
+		// route svc-1's, which leaves the map.
+		"a route that shadows a map entry": with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others")),
+		"a path the runtime API cannot carry": with(newRoute("semi", one, "/a;b")),
+		"an instance by host name":            with(newRoute("new", []route.Instance{{Address: "db", Port: 80}}, "/new")),
+		"a route removed":                     Render(s, base[1:]),
+	}
+	if strings.Contains(string(refused["a route that shadows a map entry"]), "/svc-1 svc-1-be") {
+		t.Fatal("the shadowing case does not shadow route svc-1")
+	}
+	for name, next := range refused {
+		if d, ok := Diff(old, next); ok {
+			t.Errorf("%s: Diff = %+v, want refused", name, d)
+		}
+	}
+}
+
+// A route added to a map is served at once, from a spare backend through the runtime API, with no
+// reload and no failed request; later changes of its servers go to the spare too; a change that
+// needs more spares than are free is refused and a reload serves it; once no route has been added
+// for ConsolidateAfter, a reload gives the routes their own backends.
+func TestRoutesAddedWithoutReload(t *testing.T) {
+	dir := t.TempDir()
+	s := DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
+	s.MapsDir = filepath.Join(dir, "maps")
+	s.SpareBackends = 2
+	routes := map[string]route.Backend{}
+	serve := func(name string, bodies ...string) {
+		var inst []route.Instance
+		for _, b := range bodies {
+			inst = append(inst, route.Instance{Address: "127.0.0.1", Port: startBackend(t, b)})
+		}
+		routes[name] = newRoute(name, inst, "/"+name)
+	}
+	render := func() []byte {
+		var bs []route.Backend
+		for _, b := range routes {
+			bs = append(bs, b)
+		}
+		return Render(s, bs)
+	}
+	for i := 0; i < MinMapRoutes+1; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		serve(name, name)
+	}
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
+	ctx := ctxFor(t, 60*time.Second)
+	if err := p.Start(ctx, render()); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	// Requests to a route of the map all along: none may fail.
+	load := startPathLoad(t, s.HTTPPort, "/svc-3/x", "svc-3")
+	reloads := showProc(t, p).Reloads
+
+	serve("new", "new-1")
+	cfg := render()
+	if err := p.UpdateServers(ctx, cfg); err != nil {
+		t.Fatalf("UpdateServers with a new route: %v", err)
+	}
+	if got := bodiesOf(t, s.HTTPPort, "/new/a", 1); !reflect.DeepEqual(got, map[string]int{"new-1": 20}) {
+		t.Fatalf("/new/a answered %v, want new-1", got)
+	}
+	if r := showProc(t, p).Reloads; r != reloads {
+		t.Fatalf("reloads %d -> %d: adding a route reloaded HAProxy", reloads, r)
+	}
+	if !bytesEqual(p.Config(), cfg) || !bytesEqual(onDisk(t, p), cfg) {
+		t.Fatal("Config() or haproxy.cfg on disk is not the new config")
+	}
+	for path := range mapsOf(cfg) {
+		if _, err := os.Stat(path); err != nil {
+			t.Fatalf("the new config's map file is not on disk: %v", err)
+		}
+	}
+
+	// The new route scales: its second server goes to the spare that serves it.
+	nr := routes["new"]
+	nr.Instances = append(nr.Instances, route.Instance{Address: "127.0.0.1", Port: startBackend(t, "new-2")})
+	routes["new"] = nr
+	cfg = render()
+	if err := p.UpdateServers(ctx, cfg); err != nil {
+		t.Fatalf("UpdateServers adding a server to the new route: %v", err)
+	}
+	if got := bodiesOf(t, s.HTTPPort, "/new", 2); len(got) != 2 {
+		t.Fatalf("/new answered %v, want new-1 and new-2", got)
+	}
+
+	// One spare is left: two new routes need a reload, which serves them and frees the spares.
+	serve("second", "second")
+	serve("third", "third")
+	cfg = render()
+	if err := p.UpdateServers(ctx, cfg); !errors.Is(err, ErrNeedsReload) {
+		t.Fatalf("UpdateServers with two routes and one spare = %v, want ErrNeedsReload", err)
+	}
+	if err := p.Apply(ctx, cfg); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	for _, name := range []string{"second", "third"} {
+		if got := bodiesOf(t, s.HTTPPort, "/"+name, 1); got[name] != 20 {
+			t.Fatalf("/%s answered %v", name, got)
+		}
+	}
+	if got := bodiesOf(t, s.HTTPPort, "/new", 2); len(got) != 2 {
+		t.Fatalf("after the reload /new answered %v, want new-1 and new-2", got)
+	}
+	reloads = showProc(t, p).Reloads
+
+	// Consolidation: a route added now is served from a spare, then by its own backend.
+	p.mu.Lock()
+	p.consolidateAfter = 300 * time.Millisecond
+	p.mu.Unlock()
+	serve("fourth", "fourth")
+	cfg = render()
+	if err := p.UpdateServers(ctx, cfg); err != nil {
+		t.Fatalf("UpdateServers with a route after the reload: %v", err)
+	}
+	if !strings.Contains(statServers(t, s.StatsSocket), SparePrefix) {
+		t.Fatal("no spare backend serves the new route")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for showProc(t, p).Reloads == reloads {
+		if time.Now().After(deadline) {
+			t.Fatal("no reload gave the added route its own backend")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := bodiesOf(t, s.HTTPPort, "/fourth", 1); got["fourth"] != 20 {
+		t.Fatalf("after the consolidation /fourth answered %v", got)
+	}
+	if !bytesEqual(p.Config(), cfg) {
+		t.Fatal("the consolidation changed the config served")
+	}
+	if n := load.stop(); n < 10 {
+		t.Fatalf("only %d requests were sent during the test", n)
+	}
+}
+
+// statServers is HAProxy's stats of every server, which name their backends.
+func statServers(t *testing.T, sock string) string {
+	t.Helper()
+	out, err := Command(ctxFor(t, 5*time.Second), sock, "show stat -1 4 -1 typed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
+
+// bodiesOf sends 20 requests per body wanted (at most) on new connections to path and counts the
+// bodies, failing on any failed request.
+func bodiesOf(t *testing.T, port int, path string, want int) map[string]int {
+	t.Helper()
+	got := map[string]int{}
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for n := 0; n < 20*want; n++ {
+		body, err := get(c, port, path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		got[body]++
+		if want == 1 && n == 19 {
+			break
+		}
+	}
+	return got
+}
+
+func get(c *http.Client, port int, path string) (string, error) {
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", port, path))
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %d: %s", resp.StatusCode, body)
+	}
+	return string(body), nil
+}
+
+// pathLoad sends requests to one path, two clients (keep-alive and new connections), at most
+// 20,000 requests or 60 s, and fails the test on any answer but want.
+type pathLoad struct {
+	halt chan struct{}
+	wg   sync.WaitGroup
+	n    atomic.Int64
+}
+
+func startPathLoad(t *testing.T, port int, path, want string) *pathLoad {
+	l := &pathLoad{halt: make(chan struct{})}
+	end := time.Now().Add(60 * time.Second)
+	for _, keepAlive := range []bool{true, false} {
+		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: !keepAlive}}
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for i := 0; i < 10000 && time.Now().Before(end); i++ {
+				select {
+				case <-l.halt:
+					return
+				default:
+				}
+				body, err := get(c, port, path)
+				if err == nil && body != want {
+					err = fmt.Errorf("answered %q", body)
+				}
+				if err != nil {
+					t.Errorf("GET %s during the changes: %v", path, err)
+					return
+				}
+				l.n.Add(1)
+				time.Sleep(2 * time.Millisecond)
+			}
+		}()
+	}
+	t.Cleanup(l.stopOnce)
+	return l
+}
+
+func (l *pathLoad) stopOnce() {
+	select {
+	case <-l.halt:
+	default:
+		close(l.halt)
+	}
+	l.wg.Wait()
+}
+
+func (l *pathLoad) stop() int64 {
+	l.stopOnce()
+	return l.n.Load()
+}
