@@ -100,7 +100,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		}(),
 		// Its /svc-1 comes first in routing order (its longest path is the longest) and shadows
 		// route svc-1's, which leaves the map.
-		"a route that shadows a map entry": with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others")),
+		"a route that shadows a map entry":    with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others")),
 		"a path the runtime API cannot carry": with(newRoute("semi", one, "/a;b")),
 		"an instance by host name":            with(newRoute("new", []route.Instance{{Address: "db", Port: 80}}, "/new")),
 		"a route removed":                     Render(s, base[1:]),

@@ -108,6 +108,7 @@ type Process struct {
 	restarts    int
 	ov          overlay     // names HAProxy serves under since it loaded cfg (UpdateServers)
 	consolidate *time.Timer // the reload that ends the overlay (consolidateLater)
+	reloadHook  func(time.Duration, error)
 }
 
 // instance is one run of the HAProxy master.

@@ -467,6 +467,14 @@ func (ov overlay) mapFile(name string) string {
 	return name
 }
 
+// SetReloadHook sets a function told of the reloads the Process does on its own (the one that
+// follows routes added through the runtime API): how long each took and how it went.
+func (p *Process) SetReloadHook(f func(time.Duration, error)) {
+	p.mu.Lock()
+	p.reloadHook = f
+	p.mu.Unlock()
+}
+
 // consolidateLater schedules the reload that gives the routes served by spares their own backends,
 // ConsolidateAfter after the last route added.
 func (p *Process) consolidateLater() {
@@ -496,7 +504,15 @@ func (p *Process) consolidateNow() {
 	if !due {
 		return
 	}
-	if err := p.applyHeld(ctx, cfg, true); err != nil {
+	t0 := time.Now()
+	err := p.applyHeld(ctx, cfg, true)
+	p.mu.Lock()
+	hook := p.reloadHook
+	p.mu.Unlock()
+	if hook != nil && p.life.Err() == nil {
+		hook(time.Since(t0), err)
+	}
+	if err != nil {
 		if p.life.Err() == nil {
 			// The spares keep serving their routes; the next reload tries again.
 			p.log.Error("haproxy: the reload that gives added routes their own backends failed", "error", err)

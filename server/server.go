@@ -141,6 +141,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
 	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
 	p.SetObserver(m)
+	hap.SetReloadHook(m.Reload)
 	p.SetStatic(cfg.Services)
 	if cfg.TemplatesDir != "" {
 		p.SetTemplates(templates.New(cfg.TemplatesDir, cfg.ConsulAddresses, templates.DefaultTimeout, cfg.Logger))
