@@ -164,7 +164,7 @@ func TestRoutesAddedWithoutReload(t *testing.T) {
 
 	serve("new", "new-1")
 	cfg := render()
-	if err := p.UpdateServers(ctx, cfg); err != nil {
+	if _, err := p.UpdateServers(ctx, cfg); err != nil {
 		t.Fatalf("UpdateServers with a new route: %v", err)
 	}
 	if got := bodiesOf(t, s.HTTPPort, "/new/a", 1); !reflect.DeepEqual(got, map[string]int{"new-1": 20}) {
@@ -187,7 +187,7 @@ func TestRoutesAddedWithoutReload(t *testing.T) {
 	nr.Instances = append(nr.Instances, route.Instance{Address: "127.0.0.1", Port: startBackend(t, "new-2")})
 	routes["new"] = nr
 	cfg = render()
-	if err := p.UpdateServers(ctx, cfg); err != nil {
+	if _, err := p.UpdateServers(ctx, cfg); err != nil {
 		t.Fatalf("UpdateServers adding a server to the new route: %v", err)
 	}
 	if got := bodiesOf(t, s.HTTPPort, "/new", 2); len(got) != 2 {
@@ -198,7 +198,7 @@ func TestRoutesAddedWithoutReload(t *testing.T) {
 	serve("second", "second")
 	serve("third", "third")
 	cfg = render()
-	if err := p.UpdateServers(ctx, cfg); !errors.Is(err, ErrNeedsReload) {
+	if _, err := p.UpdateServers(ctx, cfg); !errors.Is(err, ErrNeedsReload) {
 		t.Fatalf("UpdateServers with two routes and one spare = %v, want ErrNeedsReload", err)
 	}
 	if err := p.Apply(ctx, cfg); err != nil {
@@ -220,7 +220,7 @@ func TestRoutesAddedWithoutReload(t *testing.T) {
 	p.mu.Unlock()
 	serve("fourth", "fourth")
 	cfg = render()
-	if err := p.UpdateServers(ctx, cfg); err != nil {
+	if _, err := p.UpdateServers(ctx, cfg); err != nil {
 		t.Fatalf("UpdateServers with a route after the reload: %v", err)
 	}
 	if !strings.Contains(statServers(t, s.StatsSocket), SparePrefix) {
@@ -342,4 +342,22 @@ func (l *pathLoad) stopOnce() {
 func (l *pathLoad) stop() int64 {
 	l.stopOnce()
 	return l.n.Load()
+}
+
+// BenchmarkDiffAddedRoute diffs the config of 10,000 routes against the same plus one.
+func BenchmarkDiffAddedRoute(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	base := plainRoutes(10000)
+	for i := range base {
+		base[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
+	}
+	old := Render(s, base)
+	next := Render(s, append(base, newRoute("new", []route.Instance{{Address: "10.1.0.1", Port: 80}}, "/new")))
+	b.SetBytes(int64(len(next)))
+	for b.Loop() {
+		if _, ok := Diff(old, next); !ok {
+			b.Fatal("Diff refuses the added route")
+		}
+	}
 }

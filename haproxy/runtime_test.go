@@ -156,7 +156,7 @@ func TestUpdateServersWithoutReload(t *testing.T) {
 	reloads := showProc(t, f.p).Reloads
 
 	three := f.config("b1", "b2", "b3")
-	if err := f.p.UpdateServers(ctx, three); err != nil {
+	if _, err := f.p.UpdateServers(ctx, three); err != nil {
 		t.Fatalf("UpdateServers 1 -> 3: %v", err)
 	}
 	if got := f.seen(t, "b1", "b2", "b3"); len(got) != 3 {
@@ -168,7 +168,7 @@ func TestUpdateServersWithoutReload(t *testing.T) {
 	f.checkServed(t, three)
 
 	one := f.config("b3")
-	if err := f.p.UpdateServers(ctx, one); err != nil {
+	if _, err := f.p.UpdateServers(ctx, one); err != nil {
 		t.Fatalf("UpdateServers 3 -> 1: %v", err)
 	}
 	if got := f.seen(t, "b3"); len(got) != 1 {
@@ -197,7 +197,7 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 	// More than servers: refused, nothing touched.
 	other := bytes.Replace(f.config("b1", "b2"), []byte("backend app-be"), []byte("backend zzz-be"), 1)
 	other = bytes.Replace(other, []byte("use_backend app-be"), []byte("use_backend zzz-be"), 1)
-	if err := f.p.UpdateServers(ctx, other); !errors.Is(err, ErrNeedsReload) {
+	if _, err := f.p.UpdateServers(ctx, other); !errors.Is(err, ErrNeedsReload) {
 		t.Fatalf("UpdateServers with a renamed backend = %v, want ErrNeedsReload", err)
 	}
 	// Servers only, but invalid (port out of range): `haproxy -c` rejects it before any command.
@@ -207,7 +207,7 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 		t.Fatalf("DiffServers refuses a config that differs in servers only:\n%s", bad)
 	}
 	var cerr *ConfigError
-	if err := f.p.UpdateServers(ctx, bad); !errors.As(err, &cerr) {
+	if _, err := f.p.UpdateServers(ctx, bad); !errors.As(err, &cerr) {
 		t.Fatalf("UpdateServers with an invalid port = %v, want a *ConfigError", err)
 	}
 	if !bytes.Equal(f.p.Config(), before) || showProc(t, f.p).Reloads != reloads {
@@ -220,7 +220,7 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 	if _, err := Command(ctx, f.s.StatsSocket, "add server app-be/"+name+" 127.0.0.1:1"); err != nil {
 		t.Fatal(err)
 	}
-	err := f.p.UpdateServers(ctx, two)
+	_, err := f.p.UpdateServers(ctx, two)
 	if err == nil || errors.Is(err, ErrNeedsReload) {
 		t.Fatalf("UpdateServers with a clashing server = %v, want a runtime API error", err)
 	}

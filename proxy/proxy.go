@@ -573,7 +573,7 @@ func (p *Proxy) RefreshCerts(ctx context.Context, hasCerts bool) error {
 // serverUpdater is an HAProxy that can change the servers of its backends, and add routes to its
 // maps, without a reload.
 type serverUpdater interface {
-	UpdateServers(ctx context.Context, cfg []byte) error
+	UpdateServers(ctx context.Context, cfg []byte) (haproxy.Delta, error)
 }
 
 // applyLocked makes HAProxy serve cfg. When cfg differs from the config of the table served only in
@@ -585,34 +585,35 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	if !ok {
 		return p.timed(func() error { return p.haproxy.Apply(ctx, cfg) })
 	}
-	delta, runtime := haproxy.Diff(p.servedLocked(), cfg)
-	if runtime && delta.Empty() {
+	if bytes.Equal(p.servedLocked(), cfg) {
 		return p.haproxy.Apply(ctx, cfg) // the same config: no reload, nothing to log
 	}
-	added, removed := 0, 0
-	for _, c := range delta.Servers {
-		added += len(c.Add)
-		removed += len(c.Remove)
-	}
-	if runtime {
-		err := up.UpdateServers(ctx, cfg)
+	delta, err := up.UpdateServers(ctx, cfg)
+	switch {
+	case err == nil:
+		p.obs.RuntimeUpdate(nil)
+		added, removed := 0, 0
+		for _, c := range delta.Servers {
+			added += len(c.Add)
+			removed += len(c.Remove)
+		}
+		p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(delta.Servers),
+			"servers_added", added, "servers_removed", removed, "routes_added", len(delta.MapAdds))
+		return nil
+	case errors.Is(err, haproxy.ErrBeyondRuntime):
+		// Only a reload serves this change.
+	case errors.Is(err, haproxy.ErrNeedsReload):
+		// Refused before any change: no spare backend left, no stats socket, HAProxy restarting.
 		p.obs.RuntimeUpdate(err)
-		if err == nil {
-			p.log.Info("haproxy updated", "path", "runtime-api", "backends", len(delta.Servers),
-				"servers_added", added, "servers_removed", removed, "routes_added", len(delta.MapAdds))
-			return nil
-		}
-		lvl := slog.LevelWarn
-		if errors.Is(err, haproxy.ErrNeedsReload) {
-			lvl = slog.LevelInfo // refused before any change (no spare backend left, say)
-		}
-		p.log.Log(ctx, lvl, "changing HAProxy through the runtime API failed; reloading instead", "error", err)
+		p.log.Info("the runtime API cannot serve the change; reloading", "reason", err)
+	default:
+		p.obs.RuntimeUpdate(err)
+		p.log.Warn("changing HAProxy through the runtime API failed; reloading instead", "error", err)
 	}
 	if err := p.timed(func() error { return p.haproxy.Apply(ctx, cfg) }); err != nil {
 		return err
 	}
-	p.log.Info("haproxy updated", "path", "reload", "runtime_possible", runtime,
-		"servers_added", added, "servers_removed", removed)
+	p.log.Info("haproxy updated", "path", "reload")
 	return nil
 }
 
