@@ -134,6 +134,9 @@ type Proxy struct {
 
 	mu       sync.Mutex               // held while a batch of changes is applied
 	backends map[string]route.Backend // what HAProxy serves now
+	// byConsul lists, for each Consul service, the routes of backends that use it (sorted); nil
+	// when backends changed since it was built.
+	byConsul map[string][]string
 
 	qmu   sync.Mutex
 	queue []*change // changes waiting for the next commit
@@ -188,7 +191,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.backends, p.served = backends, nil
+	p.backends, p.served, p.byConsul = backends, nil, nil
 	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
@@ -330,20 +333,41 @@ func (p *Proxy) submit(ctx context.Context, cs ...*change) error {
 // config causes no reload.
 func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst []route.Instance) error {
 	var cs []*change
-	for _, b := range p.Routes() {
-		if _, fixed := p.staticInstances(b.Route.ServiceName); fixed {
+	p.mu.Lock()
+	for _, name := range p.routesUsingLocked(consulService) {
+		b := p.backends[name]
+		if _, fixed := p.staticInstances(name); fixed {
 			continue // its instances are listed in the environment, not followed in the catalog
 		}
 		// A list equal to the one served (the first report of a watch after Load) changes nothing.
-		if slices.Contains(b.Route.ConsulServices(), consulService) && !sameInstances(b, consulService, inst) {
-			cs = append(cs, &change{service: b.Route.ServiceName, observed: true, instancesOnly: true,
+		if !sameInstances(b, consulService, inst) {
+			cs = append(cs, &change{service: name, observed: true, instancesOnly: true,
 				consulService: consulService, instances: inst, done: make(chan error, 1)})
 		}
 	}
+	p.mu.Unlock()
 	if len(cs) == 0 {
 		return nil
 	}
 	return p.submit(ctx, cs...)
+}
+
+// routesUsingLocked returns the routes that use a Consul service, sorted. A watch reports every
+// service of the table after a start: the index keeps each report from going through the table.
+func (p *Proxy) routesUsingLocked(consulService string) []string {
+	if p.byConsul == nil {
+		p.byConsul = map[string][]string{}
+		for name, b := range p.backends {
+			for _, svc := range b.Route.ConsulServices() {
+				p.byConsul[svc] = append(p.byConsul[svc], name)
+			}
+		}
+		for svc, names := range p.byConsul {
+			slices.Sort(names)
+			p.byConsul[svc] = slices.Compact(names)
+		}
+	}
+	return p.byConsul[consulService]
 }
 
 // SyncFromKV makes the served routes those of the route table in KV (written by this or another
@@ -528,7 +552,7 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		}
 		return
 	}
-	p.backends, p.served = next, cfg
+	p.backends, p.served, p.byConsul = next, cfg, nil
 	p.observeTableLocked()
 	for _, c := range written {
 		c.done <- nil
@@ -593,7 +617,7 @@ func (p *Proxy) applyLocked(ctx context.Context, cfg []byte) error {
 	case err == nil:
 		p.obs.RuntimeUpdate(nil)
 		added, removed := 0, 0
-		for _, c := range delta.Servers {
+		for _, c := range append(slices.Clone(delta.Servers), delta.Backends...) {
 			added += len(c.Add)
 			removed += len(c.Remove)
 		}
