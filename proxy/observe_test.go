@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,5 +107,81 @@ func TestObservedChangesReachHAProxyOnly(t *testing.T) {
 	}
 	if reloads() != r {
 		t.Fatal("syncing an unchanged route table reloaded HAProxy")
+	}
+}
+
+// listCounter is the real store, counting reads of the whole route table.
+type listCounter struct {
+	*consul.Store
+	lists atomic.Int32
+}
+
+func (l *listCounter) List(ctx context.Context) ([]route.Route, []error, error) {
+	l.lists.Add(1)
+	return l.Store.List(ctx)
+}
+
+// A watch that reports the table served (this replica's own write) costs no read of KV; a table
+// that differs is read again from KV and served.
+func TestSyncFromKVSeenReadsKVOnlyWhenTheTableDiffers(t *testing.T) {
+	c := testenv.StartConsul(t)
+	client, err := consul.New([]string{c.Addr}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := &listCounter{Store: consul.NewStore(client, "docker-flow")}
+	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
+	s := haproxy.DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	p := New(catalogOf(client), store, hap, s, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cfg, err := p.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hap.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = hap.Stop(context.Background()) })
+	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
+	if _, err := p.Reconfigure(ctx, books); err != nil {
+		t.Fatal(err)
+	}
+	read, _, err := store.Store.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := store.lists.Load()
+	if err := p.SyncFromKVSeen(ctx, read); err != nil {
+		t.Fatal(err)
+	}
+	if n := store.lists.Load() - before; n != 0 {
+		t.Fatalf("the table served, seen by a watch, was read %d times from KV", n)
+	}
+
+	// Another replica adds a route: the table seen differs, KV is read and the route served.
+	other := route.Route{ServiceName: "other", ServicePath: []string{"/other"}, PathType: route.PathBeg}
+	if err := store.Put(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SyncFromKVSeen(ctx, []route.Route{books, other}); err != nil {
+		t.Fatal(err)
+	}
+	if n := store.lists.Load() - before; n != 1 {
+		t.Fatalf("a table that differs was read %d times from KV, want 1", n)
+	}
+	if served := string(hap.Config()); !strings.Contains(served, "backend other-be") {
+		t.Fatalf("after another replica's write HAProxy serves:\n%s", served)
+	}
+	// An empty table seen while routes are served: read again too (it may be older than them).
+	if err := p.SyncFromKVSeen(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := store.lists.Load() - before; n != 2 {
+		t.Fatalf("an empty table seen was read %d times from KV, want 2", n)
+	}
+	if served := string(hap.Config()); !strings.Contains(served, "backend books-ms-be") {
+		t.Fatalf("an older empty table removed routes:\n%s", served)
 	}
 }

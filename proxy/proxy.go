@@ -277,6 +277,9 @@ type change struct {
 	// fromKV brings the served table to KV's (force: re-reading every route's instances); it is
 	// expanded into subs when its batch is applied.
 	fromKV, force bool
+	// seen, for a fromKV change without force, is the table a watch of KV read: when the served
+	// table is that one already, KV is not read again (nil: always read).
+	seen []route.Route
 	subs          []*change
 
 	instances []route.Instance
@@ -378,6 +381,38 @@ func (p *Proxy) SyncFromKV(ctx context.Context) error {
 	return p.submit(ctx, &change{fromKV: true, observed: true, done: make(chan error, 1)})
 }
 
+// SyncFromKVSeen is SyncFromKV for the route table a watch of KV read: when the table served is
+// that one (the watch saw this replica's own write), nothing is read. Otherwise KV is read again,
+// in step with the controller's own changes, since seen may be older than the table served.
+func (p *Proxy) SyncFromKVSeen(ctx context.Context, seen []route.Route) error {
+	if seen == nil {
+		seen = []route.Route{}
+	}
+	return p.submit(ctx, &change{fromKV: true, observed: true, seen: seen, done: make(chan error, 1)})
+}
+
+// servesLocked reports whether the table served is routes (with the routes of environment
+// variables, which win over a route of KV of the same name).
+func (p *Proxy) servesLocked(routes []route.Route) bool {
+	for name := range p.static {
+		if _, ok := p.backends[name]; !ok {
+			return false
+		}
+	}
+	n := 0
+	for _, r := range routes {
+		if _, ok := p.static[r.ServiceName]; ok {
+			continue
+		}
+		b, ok := p.backends[r.ServiceName]
+		if !ok || !b.Route.Equal(r) {
+			return false
+		}
+		n++
+	}
+	return n+len(p.static) == len(p.backends)
+}
+
 // Reload makes HAProxy load the route table again (and so the files it names, certificates among
 // them). With recreate, the table is first rebuilt from KV and every route's instances are read
 // again from the catalog.
@@ -405,6 +440,10 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 	for _, c := range batch {
 		if !c.fromKV {
 			rest = append(rest, c)
+			continue
+		}
+		if c.seen != nil && !c.force && p.servesLocked(c.seen) {
+			c.done <- nil
 			continue
 		}
 		routes, bad, err := p.store.List(ctx)

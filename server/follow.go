@@ -88,7 +88,7 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 		case u.RoutesChanged:
 			// The update is only the news that KV changed: the controller reads the table itself,
 			// in step with its own changes, so that an older snapshot never undoes a newer request.
-			if err := s.proxy.SyncFromKV(ctx); err != nil {
+			if err := s.proxy.SyncFromKVSeen(ctx, u.Routes); err != nil {
 				s.log.Error("applying the route table from KV failed", "error", err)
 			} else {
 				s.metrics.WatchUpdate(metrics.WatchRoutes)
