@@ -280,7 +280,7 @@ type change struct {
 	// seen, for a fromKV change without force, is the table a watch of KV read: when the served
 	// table is that one already, KV is not read again (nil: always read).
 	seen []route.Route
-	subs          []*change
+	subs []*change
 
 	instances []route.Instance
 
