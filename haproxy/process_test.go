@@ -99,19 +99,7 @@ func ctxFor(t *testing.T, d time.Duration) context.Context {
 // getBody returns the body of one request on a fresh connection.
 func getBody(port int) (string, error) {
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/", port))
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return "", err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("status %d: %s", resp.StatusCode, body)
-	}
-	return string(body), nil
+	return get(c, port, "/")
 }
 
 func mustGet(t *testing.T, port int, want string) {

@@ -25,20 +25,9 @@ func TestObservedChangesReachHAProxyOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := consul.NewStore(client, "docker-flow")
-	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
-	s := haproxy.DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	p := New(catalogOf(client), store, hap, s, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cfg, err := p.Load(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hap.Start(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = hap.Stop(context.Background()) })
+	p, hap := startController(ctx, t, client, store)
 	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
 	if _, err := p.Reconfigure(ctx, books); err != nil {
 		t.Fatal(err)
@@ -130,20 +119,9 @@ func TestSyncFromKVSeenReadsKVOnlyWhenTheTableDiffers(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := &listCounter{Store: consul.NewStore(client, "docker-flow")}
-	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
-	s := haproxy.DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	p := New(catalogOf(client), store, hap, s, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cfg, err := p.Load(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := hap.Start(ctx, cfg); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = hap.Stop(context.Background()) })
+	p, hap := startController(ctx, t, client, store)
 	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
 	if _, err := p.Reconfigure(ctx, books); err != nil {
 		t.Fatal(err)
@@ -184,4 +162,23 @@ func TestSyncFromKVSeenReadsKVOnlyWhenTheTableDiffers(t *testing.T) {
 	if served := string(hap.Config()); !strings.Contains(served, "backend books-ms-be") {
 		t.Fatalf("an older empty table removed routes:\n%s", served)
 	}
+}
+
+// startController loads the route table of store into a controller and starts its HAProxy on a
+// free port of 127.0.0.1 (stopped when the test ends).
+func startController(ctx context.Context, t *testing.T, client *consul.Client, store Store) (*Proxy, *haproxy.Process) {
+	t.Helper()
+	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
+	s := haproxy.DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	p := New(catalogOf(client), store, hap, s, nil)
+	cfg, err := p.Load(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hap.Start(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = hap.Stop(context.Background()) })
+	return p, hap
 }
