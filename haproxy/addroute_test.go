@@ -63,8 +63,8 @@ func TestDiffAddedRoutes(t *testing.T) {
 		if !reflect.DeepEqual(d, want) {
 			t.Fatalf("Diff = %+v\nwant %+v", d, want)
 		}
-		if _, ok := DiffServers(old, next); ok {
-			t.Fatal("DiffServers accepts a new backend")
+		if _, ok := diffServers(old, next); ok {
+			t.Fatal("diffServers accepts a new backend")
 		}
 	})
 	t.Run("two routes and a server of an existing one", func(t *testing.T) {

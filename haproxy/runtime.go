@@ -66,15 +66,6 @@ func (d Delta) Empty() bool {
 	return len(d.Servers) == 0 && len(d.Backends) == 0 && len(d.MapAdds) == 0
 }
 
-// DiffServers is Diff for a config that adds no route: ok is false when new adds a backend.
-func DiffServers(old, new []byte) (changes []ServerChange, ok bool) {
-	d, ok := Diff(old, new)
-	if !ok || len(d.Backends) > 0 || len(d.MapAdds) > 0 {
-		return nil, false
-	}
-	return d.Servers, true
-}
-
 // Diff compares two configs as Render writes them. ok is true when new differs from old only in:
 //   - the server lines of backends both have (each `server <name> <addr>[ check]`), where no server
 //     keeps its name with another address or check, and every added server's address is an IP

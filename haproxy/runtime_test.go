@@ -59,9 +59,9 @@ func TestDiffServers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, ok := DiffServers([]byte(tt.old), []byte(tt.new))
+			got, ok := diffServers([]byte(tt.old), []byte(tt.new))
 			if ok != tt.ok || !reflect.DeepEqual(got, tt.want) {
-				t.Fatalf("DiffServers = %+v, %v; want %+v, %v", got, ok, tt.want, tt.ok)
+				t.Fatalf("diffServers = %+v, %v; want %+v, %v", got, ok, tt.want, tt.ok)
 			}
 		})
 	}
@@ -203,8 +203,8 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 	// Servers only, but invalid (port out of range): `haproxy -c` rejects it before any command.
 	bad := bytes.Replace(f.config("b1"), []byte("    balance roundrobin\n"),
 		[]byte("    balance roundrobin\n    server 127.0.0.1:99999 127.0.0.1:99999 check\n"), 1)
-	if _, ok := DiffServers(before, bad); !ok {
-		t.Fatalf("DiffServers refuses a config that differs in servers only:\n%s", bad)
+	if _, ok := diffServers(before, bad); !ok {
+		t.Fatalf("diffServers refuses a config that differs in servers only:\n%s", bad)
 	}
 	var cerr *ConfigError
 	if _, err := f.p.UpdateServers(ctx, bad); !errors.As(err, &cerr) {
@@ -238,4 +238,13 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 	if got := f.seen(t, "b1", "b2"); len(got) != 2 {
 		t.Fatalf("after the fallback reload the answers came from %v", got)
 	}
+}
+
+// diffServers is Diff for a config that adds no route: ok is false when new adds a backend.
+func diffServers(old, new []byte) (changes []ServerChange, ok bool) {
+	d, ok := Diff(old, new)
+	if !ok || len(d.Backends) > 0 || len(d.MapAdds) > 0 {
+		return nil, false
+	}
+	return d.Servers, true
 }
