@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -47,12 +48,47 @@ func (s *Store) folder(service string) string { return s.prefix + "/" + service 
 // not make a valid route is left out and reported in the second result, sorted by name; it never
 // fails the whole list. Keys directly under the prefix and deeper folders are ignored.
 func (s *Store) List(ctx context.Context) ([]route.Route, []error, error) {
+	t, err := s.Table(ctx)
+	return t.Routes, t.Invalid, err
+}
+
+// Table reads the whole route table with one KV call: the routes, as List returns them, and the
+// version of every folder.
+func (s *Store) Table(ctx context.Context) (route.KVTable, error) {
 	pairs, err := s.list(ctx, s.prefix+"/")
 	if err != nil {
-		return nil, nil, fmt.Errorf("consul kv list %s/: %w", s.prefix, err)
+		return route.KVTable{}, fmt.Errorf("consul kv list %s/: %w", s.prefix, err)
 	}
-	routes, invalid := s.routesFrom(pairs)
-	return routes, invalid, nil
+	return s.tableOf(pairs), nil
+}
+
+// maxTxnOps is the number of operations Consul takes in one transaction.
+const maxTxnOps = 64
+
+// Folders reads the folders of some routes, as Table reads the whole table: a read transaction
+// per 64 folders, so that a few folders cost a few requests whatever the size of the table. A
+// folder without keys is in none of the results.
+func (s *Store) Folders(ctx context.Context, services []string) (route.KVTable, error) {
+	var pairs api.KVPairs
+	for chunk := range slices.Chunk(services, maxTxnOps) {
+		ops := make(api.TxnOps, 0, len(chunk))
+		for _, name := range chunk {
+			if err := checkServiceName(name); err != nil {
+				return route.KVTable{}, err
+			}
+			ops = append(ops, &api.TxnOp{KV: &api.KVTxnOp{Verb: api.KVGetTree, Key: s.folder(name)}})
+		}
+		resp, err := s.txn(ctx, ops)
+		if err != nil {
+			return route.KVTable{}, fmt.Errorf("consul kv read %d folders under %s/: %w", len(chunk), s.prefix, err)
+		}
+		for _, res := range resp.Results {
+			if res != nil && res.KV != nil {
+				pairs = append(pairs, res.KV)
+			}
+		}
+	}
+	return s.tableOf(pairs), nil
 }
 
 // Get reads one route. The second result is false when the route has no keys. A route whose keys
@@ -65,15 +101,14 @@ func (s *Store) Get(ctx context.Context, service string) (route.Route, bool, err
 	if err != nil {
 		return route.Route{}, false, fmt.Errorf("consul kv get %s: %w", s.folder(service), err)
 	}
-	kv, ok := s.folders(pairs)[service]
-	if !ok {
+	t := s.tableOf(pairs)
+	switch {
+	case len(t.Invalid) > 0:
+		return route.Route{}, false, t.Invalid[0]
+	case len(t.Routes) == 0:
 		return route.Route{}, false, nil
 	}
-	r, err := route.FromKV(service, kv)
-	if err != nil {
-		return route.Route{}, false, fmt.Errorf("consul kv get %s: %w", s.folder(service), err)
-	}
-	return r, true, nil
+	return t.Routes[0], true, nil
 }
 
 // Put validates the route and writes it in one transaction: the route's folder is deleted and each
@@ -96,45 +131,47 @@ func (s *Store) Delete(ctx context.Context, service string) error {
 const versionKey = route.KeySkipCheck
 
 // Write puts the route (r != nil) or deletes it (r == nil) in one transaction, as Put and Delete
-// do, and returns the version it left, for a later check-and-set (Restore): the ModifyIndex of the
-// route's keys after a put, 0 after a delete.
-func (s *Store) Write(ctx context.Context, service string, r *route.Route) (uint64, error) {
+// do, and returns the version of the folder it left (the zero version after a delete), which a
+// later check-and-set (Restore) takes, and which the folder has in Table as long as nobody writes it.
+func (s *Store) Write(ctx context.Context, service string, r *route.Route) (route.KVVersion, error) {
 	if err := checkServiceName(service); err != nil {
-		return 0, err
+		return route.KVVersion{}, err
 	}
 	folder := s.folder(service)
 	if r == nil {
 		if _, err := s.txn(ctx, api.TxnOps{{KV: &api.KVTxnOp{Verb: api.KVDeleteTree, Key: folder}}}); err != nil {
-			return 0, fmt.Errorf("consul kv delete %s: %w", folder, err)
+			return route.KVVersion{}, fmt.Errorf("consul kv delete %s: %w", folder, err)
 		}
-		return 0, nil
+		return route.KVVersion{}, nil
 	}
 	if err := r.Validate(); err != nil {
-		return 0, fmt.Errorf("consul kv put %s: %w", folder, err)
+		return route.KVVersion{}, fmt.Errorf("consul kv put %s: %w", folder, err)
 	}
-	resp, err := s.txn(ctx, putOps(folder, *r))
+	ops := putOps(folder, *r)
+	resp, err := s.txn(ctx, ops)
 	if err != nil {
-		return 0, fmt.Errorf("consul kv put %s: %w", folder, err)
+		return route.KVVersion{}, fmt.Errorf("consul kv put %s: %w", folder, err)
 	}
 	for _, res := range resp.Results {
 		if res != nil && res.KV != nil && res.KV.Key == folder+versionKey {
-			return res.KV.ModifyIndex, nil
+			// Every key is written by this transaction, so all have its index.
+			return route.KVVersion{Index: res.KV.ModifyIndex, Keys: len(ops) - 1}, nil
 		}
 	}
-	return 0, fmt.Errorf("consul kv put %s: the transaction's answer lacks %s", folder, versionKey)
+	return route.KVVersion{}, fmt.Errorf("consul kv put %s: the transaction's answer lacks %s", folder, versionKey)
 }
 
 // Restore puts back in one transaction what a route's folder held before a write (prev, nil for no
 // route), but only if the folder is still as that write left it (check-and-set on the version
 // Write returned): a newer write by another replica is never undone. It reports whether it restored.
-func (s *Store) Restore(ctx context.Context, service string, prev *route.Route, version uint64) (bool, error) {
+func (s *Store) Restore(ctx context.Context, service string, prev *route.Route, version route.KVVersion) (bool, error) {
 	if err := checkServiceName(service); err != nil {
 		return false, err
 	}
 	folder := s.folder(service)
 	check := &api.KVTxnOp{Verb: api.KVCheckNotExists, Key: folder + versionKey}
-	if version != 0 {
-		check = &api.KVTxnOp{Verb: api.KVCheckIndex, Key: folder + versionKey, Index: version}
+	if version.Index != 0 {
+		check = &api.KVTxnOp{Verb: api.KVCheckIndex, Key: folder + versionKey, Index: version.Index}
 	}
 	ops := api.TxnOps{{KV: check}}
 	if prev == nil {
@@ -212,26 +249,71 @@ func (s *Store) txn(ctx context.Context, ops api.TxnOps) (*api.TxnResponse, erro
 	return out, err
 }
 
-// folders groups KV pairs by route folder: <prefix>/<service>/<key> gives folders[service][key].
-// Keys directly under the prefix, folder markers ("<service>/") and deeper keys are left out.
-func (s *Store) folders(pairs api.KVPairs) map[string]map[string]string {
-	out := map[string]map[string]string{}
+// folderKey splits a key under the prefix: <prefix>/<service>/<key> gives service and key. Keys
+// directly under the prefix, folder markers ("<service>/") and deeper keys are no route's (ok false).
+func (s *Store) folderKey(k string) (service, key string, ok bool) {
+	rel, ok := strings.CutPrefix(k, s.prefix+"/")
+	if !ok {
+		return "", "", false
+	}
+	service, key, ok = strings.Cut(rel, "/")
+	if !ok || key == "" || strings.Contains(key, "/") {
+		return "", "", false
+	}
+	return service, key, true
+}
+
+// tableOf turns KV pairs under the prefix into the route table: the folders that are valid routes,
+// sorted by name, the errors of the others, and the version of each.
+func (s *Store) tableOf(pairs api.KVPairs) route.KVTable {
+	folders := map[string]map[string]string{}
+	t := route.KVTable{Versions: map[string]route.KVVersion{}}
 	for _, p := range pairs {
 		if p == nil {
 			continue
 		}
-		rel, ok := strings.CutPrefix(p.Key, s.prefix+"/")
+		name, key, ok := s.folderKey(p.Key)
 		if !ok {
 			continue
 		}
-		name, key, ok := strings.Cut(rel, "/")
-		if !ok || key == "" || strings.Contains(key, "/") {
+		if folders[name] == nil {
+			folders[name] = map[string]string{}
+		}
+		folders[name][key] = string(p.Value)
+		t.Versions[name] = addKey(t.Versions[name], p.ModifyIndex)
+	}
+	names := make([]string, 0, len(folders))
+	for name := range folders {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	t.Routes = make([]route.Route, 0, len(names))
+	for _, name := range names {
+		r, err := route.FromKV(name, folders[name])
+		if err != nil {
+			t.Invalid = append(t.Invalid, fmt.Errorf("consul kv %s: %w", s.folder(name), err))
 			continue
 		}
-		if out[name] == nil {
-			out[name] = map[string]string{}
+		t.Routes = append(t.Routes, r)
+	}
+	return t
+}
+
+// versionsOf is the version of every folder of KV pairs under the prefix, as tableOf gives them.
+func (s *Store) versionsOf(pairs api.KVPairs) map[string]route.KVVersion {
+	out := map[string]route.KVVersion{}
+	for _, p := range pairs {
+		if p == nil {
+			continue
 		}
-		out[name][key] = string(p.Value)
+		if name, _, ok := s.folderKey(p.Key); ok {
+			out[name] = addKey(out[name], p.ModifyIndex)
+		}
 	}
 	return out
+}
+
+// addKey is the version of a folder with one more key, of the given ModifyIndex.
+func addKey(v route.KVVersion, modifyIndex uint64) route.KVVersion {
+	return route.KVVersion{Index: max(v.Index, modifyIndex), Keys: v.Keys + 1}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"reflect"
 	"strings"
 	"sync"
@@ -332,4 +333,80 @@ func TestStoreRestoreNeverUndoesANewerWrite(t *testing.T) {
 			t.Errorf("%s: Restore = %v, %v; folder holds %s; want %v and %s", tc.name, restored, err, path(), tc.restored, tc.want)
 		}
 	}
+}
+
+// A folder's version changes with every write to it, by this product or by hand, and is the same
+// in Table, in Folders and in what Write returns; Folders reads only the folders named.
+func TestStoreVersions(t *testing.T) {
+	t.Parallel()
+	agent := testenv.StartConsul(t)
+	c, _ := newClient(t, agent.Addr)
+	ctx := testContext(t)
+	s := NewStore(c, "docker-flow")
+	books := route.Route{ServiceName: "books", ServicePath: []string{"/books"}, PathType: route.PathBeg}
+	written, err := s.Write(ctx, "books", &books)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 70 { // more than one transaction of Folders
+		r := route.Route{ServiceName: fmt.Sprintf("svc-%02d", i), ServicePath: []string{"/p"}, PathType: route.PathBeg}
+		if err := s.Put(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	putRawKV(t, c, "docker-flow/bad/pathtype", "nonsense")
+	table, err := s.Table(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := table.Versions["books"]; got != written || written.Keys != len(books.KV()) {
+		t.Fatalf("Table's version of books = %+v, Write returned %+v (%d keys)", got, written, len(books.KV()))
+	}
+	if len(table.Versions) != 72 || len(table.Routes) != 71 || len(table.Invalid) != 1 {
+		t.Fatalf("Table: %d versions, %d routes, %d invalid; want 72, 71, 1", len(table.Versions), len(table.Routes), len(table.Invalid))
+	}
+
+	var names []string
+	for i := range 70 {
+		names = append(names, fmt.Sprintf("svc-%02d", i))
+	}
+	names = append(names, "books", "bad", "absent")
+	part, err := s.Folders(ctx, names)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := table.Versions; !maps.Equal(part.Versions, want) || len(part.Routes) != 71 || len(part.Invalid) != 1 {
+		t.Fatalf("Folders: versions %v, %d routes, %d invalid; want %v, 71, 1", part.Versions, len(part.Routes), len(part.Invalid), want)
+	}
+	if part, err := s.Folders(ctx, []string{"books"}); err != nil || len(part.Versions) != 1 || len(part.Routes) != 1 || !part.Routes[0].Equal(books) {
+		t.Fatalf("Folders(books) = %+v, %v", part, err)
+	}
+
+	// A key deleted by hand lowers the count; a key set by hand raises the index.
+	if _, err := c.API().KV().Delete("docker-flow/books/pathtype", nil); err != nil {
+		t.Fatal(err)
+	}
+	afterDelete := versionOf(t, s, "books")
+	if afterDelete.Keys != written.Keys-1 {
+		t.Errorf("after a key was deleted the version is %+v, was %+v", afterDelete, written)
+	}
+	putRawKV(t, c, "docker-flow/books/path", "/other")
+	if v := versionOf(t, s, "books"); v.Index <= afterDelete.Index {
+		t.Errorf("after a key was set the version is %+v, was %+v", v, afterDelete)
+	}
+	if err := s.Delete(ctx, "books"); err != nil {
+		t.Fatal(err)
+	}
+	if v := versionOf(t, s, "books"); v != (route.KVVersion{}) {
+		t.Errorf("a deleted folder's version is %+v", v)
+	}
+}
+
+func versionOf(t *testing.T, s *Store, service string) route.KVVersion {
+	t.Helper()
+	part, err := s.Folders(context.Background(), []string{service})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return part.Versions[service]
 }

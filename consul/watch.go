@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"sort"
@@ -46,10 +47,13 @@ type Update struct {
 	// filtered, validated, sorted. A service without instances has an empty, non-nil list.
 	Service   string
 	Instances []route.Instance
-	// Routes, when RoutesChanged, is the whole route table read from KV, as Store.List returns it
-	// (the folders that are not valid routes are logged and left out).
+	// Versions, when RoutesChanged, has the version of every folder of the route table in KV
+	// (Store.Table's), at Consul's index Index: the highest of the prefix's keys and deletions.
+	// A writer whose write has an index above Index knows the snapshot to be older than its write.
+	// The routes themselves are not read: the news tells which folders changed since.
 	RoutesChanged bool
-	Routes        []route.Route
+	Versions      map[string]route.KVVersion
+	Index         uint64
 	// Err, when set, says Consul could not be read (the watcher keeps retrying, and keeps what it
 	// knew); Since is when the outage began. Consul is readable again when an update without Err
 	// follows the last one with Err: once the outage is over, the route table is reported, even
@@ -401,13 +405,12 @@ func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Clie
 	return last, err
 }
 
-// routeSource reads the route table. Folders that are not valid routes are logged when the set of
-// them changes, not at every wake-up.
-func (w *Watcher) routeSource() source[[]route.Route] {
+// routeSource follows the versions of the route table's folders. It reads only the keys' names and
+// indexes: a folder's keys are parsed by whoever reads the folders that changed.
+func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 	s := w.store
-	var lastInvalid []string
-	return source[[]route.Route]{
-		fetch: func(ctx context.Context, index uint64) ([]route.Route, uint64, error) {
+	return source[map[string]route.KVVersion]{
+		fetch: func(ctx context.Context, index uint64) (map[string]route.KVVersion, uint64, error) {
 			var pairs api.KVPairs
 			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
 				var meta *api.QueryMeta
@@ -418,24 +421,11 @@ func (w *Watcher) routeSource() source[[]route.Route] {
 			if err != nil {
 				return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
 			}
-			routes, invalid := s.routesFrom(pairs)
-			msgs := make([]string, len(invalid))
-			for i, e := range invalid {
-				msgs[i] = e.Error()
-			}
-			if !slices.Equal(msgs, lastInvalid) {
-				for _, e := range invalid {
-					w.logger.Warn("consul watch: skipping a route folder that is not a valid route", "error", e)
-				}
-				lastInvalid = msgs
-			}
-			return routes, last, nil
+			return s.versionsOf(pairs), last, nil
 		},
-		same: func(a, b []route.Route) bool {
-			return slices.EqualFunc(a, b, route.Route.Equal)
-		},
-		deliver: func(wt *watch, rs []route.Route, _ uint64, _ bool) {
-			w.report(wt, Update{RoutesChanged: true, Routes: rs})
+		same: maps.Equal[map[string]route.KVVersion, map[string]route.KVVersion],
+		deliver: func(wt *watch, vs map[string]route.KVVersion, index uint64, _ bool) {
+			w.report(wt, Update{RoutesChanged: true, Versions: vs, Index: index})
 		},
 	}
 }
@@ -602,29 +592,4 @@ func (c *Client) instancesFrom(service string, f HealthFilter, entries []*api.Se
 		return out[i].Port < out[j].Port
 	})
 	return slices.Compact(out)
-}
-
-// routesFrom turns the KV pairs under the prefix into the route table of Store.List: the valid
-// routes sorted by name, and the errors of the folders that are not valid routes.
-//
-// It repeats the body of Store.List, which does not expose the query index a blocking query needs;
-// List should call it (store.go is not this change's to edit).
-func (s *Store) routesFrom(pairs api.KVPairs) ([]route.Route, []error) {
-	folders := s.folders(pairs)
-	names := make([]string, 0, len(folders))
-	for name := range folders {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	routes := make([]route.Route, 0, len(names))
-	var invalid []error
-	for _, name := range names {
-		r, err := route.FromKV(name, folders[name])
-		if err != nil {
-			invalid = append(invalid, fmt.Errorf("consul kv %s: %w", s.folder(name), err))
-			continue
-		}
-		routes = append(routes, r)
-	}
-	return routes, invalid
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -110,7 +111,7 @@ func describe(u Update) string {
 	case u.Err != nil:
 		return fmt.Sprintf("{Err: %v, Since: %s}", u.Err, u.Since.Format(time.StampMilli))
 	case u.RoutesChanged:
-		return fmt.Sprintf("{Routes: %v}", names(u.Routes))
+		return fmt.Sprintf("{Routes: %v at %d}", slices.Sorted(maps.Keys(u.Versions)), u.Index)
 	case u.Recovered:
 		return "{Recovered}"
 	default:
@@ -132,7 +133,7 @@ func routesNamed(want ...string) func(Update) bool {
 		want = []string{}
 	}
 	return func(u Update) bool {
-		return u.RoutesChanged && u.Err == nil && u.Routes != nil && reflect.DeepEqual(names(u.Routes), want)
+		return u.RoutesChanged && u.Err == nil && u.Versions != nil && reflect.DeepEqual(slices.Sorted(maps.Keys(u.Versions)), want)
 	}
 }
 
@@ -232,12 +233,22 @@ func TestWatcherRoutes(t *testing.T) {
 	if took >= time.Second {
 		t.Errorf("the KV put took %s to be reported, want < 1s", took)
 	}
-	if !u.Routes[1].Equal(goDemo) {
-		t.Errorf("route = %+v, want %+v", u.Routes[1], goDemo)
+	// The watcher's versions are Store.Table's, and the new route's is the one its write left, at
+	// the index reported.
+	table, err := s.Table(ctx)
+	if err != nil {
+		t.Fatal(err)
 	}
-	// The watcher's table is Store.List's table.
-	if listed := mustList(t, s); !slices.EqualFunc(listed, u.Routes, route.Route.Equal) {
-		t.Errorf("List = %+v; the watcher reported %+v", listed, u.Routes)
+	if !maps.Equal(table.Versions, u.Versions) {
+		t.Errorf("Table's versions = %v; the watcher reported %v", table.Versions, u.Versions)
+	}
+	written, err := other.Write(ctx, "go-demo", &goDemo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, _ = r.waitFor(t, 5*time.Second, "with the route written again", routesNamed("books", "go-demo"))
+	if got := u.Versions["go-demo"]; got != written || u.Index < written.Index {
+		t.Errorf("after a write that left %+v the watcher reported %+v at index %d", written, got, u.Index)
 	}
 
 	if err := other.Delete(ctx, "books"); err != nil {

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"context"
+	"fmt"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -99,68 +101,125 @@ func TestObservedChangesReachHAProxyOnly(t *testing.T) {
 	}
 }
 
-// listCounter is the real store, counting reads of the whole route table.
-type listCounter struct {
+// readCounter is the real store, counting reads of the whole route table and of some folders.
+type readCounter struct {
 	*consul.Store
-	lists atomic.Int32
+	tables, folders atomic.Int32
+	lastFolders     atomic.Value // []string
 }
 
-func (l *listCounter) List(ctx context.Context) ([]route.Route, []error, error) {
-	l.lists.Add(1)
-	return l.Store.List(ctx)
+func (r *readCounter) Table(ctx context.Context) (route.KVTable, error) {
+	r.tables.Add(1)
+	return r.Store.Table(ctx)
 }
 
-// A watch that reports the table served (this replica's own write) costs no read of KV; a table
-// that differs is read again from KV and served.
-func TestSyncFromKVSeenReadsKVOnlyWhenTheTableDiffers(t *testing.T) {
+func (r *readCounter) Folders(ctx context.Context, services []string) (route.KVTable, error) {
+	r.folders.Add(1)
+	r.lastFolders.Store(slices.Clone(services))
+	return r.Store.Folders(ctx, services)
+}
+
+// A watch's news of KV is read folder by folder: the folders this replica wrote cost no read, a
+// folder another replica wrote or deleted is read alone and served, a snapshot older than this
+// replica's own write changes nothing, and many folders changed at once are read as one table.
+func TestSyncFromKVSeenReadsOnlyTheFoldersThatChanged(t *testing.T) {
 	c := testenv.StartConsul(t)
 	client, err := consul.New([]string{c.Addr}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	store := &listCounter{Store: consul.NewStore(client, "docker-flow")}
+	store := &readCounter{Store: consul.NewStore(client, "docker-flow")}
+	other := consul.NewStore(client, "docker-flow") // another replica's
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	p, hap := startController(ctx, t, client, store)
+	// seen is what a watch sees: the folders' versions, at the index of the prefix.
+	seen := func() (map[string]route.KVVersion, uint64) {
+		t.Helper()
+		table, err := store.Store.Table(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, meta, err := client.API().KV().List("docker-flow/", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return table.Versions, meta.LastIndex
+	}
+	sync := func(versions map[string]route.KVVersion, index uint64) (tables, folders int32) {
+		t.Helper()
+		t0, f0 := store.tables.Load(), store.folders.Load()
+		if err := p.SyncFromKVSeen(ctx, versions, index); err != nil {
+			t.Fatal(err)
+		}
+		return store.tables.Load() - t0, store.folders.Load() - f0
+	}
+	serves := func(backend string) bool { return strings.Contains(string(hap.Config()), "backend "+backend+"\n") }
+
 	books := route.Route{ServiceName: "books-ms", ServicePath: []string{"/api/v1/books"}, PathType: route.PathBeg}
 	if _, err := p.Reconfigure(ctx, books); err != nil {
 		t.Fatal(err)
 	}
-	read, _, err := store.Store.List(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	before := store.lists.Load()
-	if err := p.SyncFromKVSeen(ctx, read); err != nil {
-		t.Fatal(err)
-	}
-	if n := store.lists.Load() - before; n != 0 {
-		t.Fatalf("the table served, seen by a watch, was read %d times from KV", n)
+	before, beforeIndex := seen()
+	if tables, folders := sync(before, beforeIndex); tables+folders != 0 {
+		t.Fatalf("this replica's own write, seen by a watch, cost %d table and %d folder reads", tables, folders)
 	}
 
-	// Another replica adds a route: the table seen differs, KV is read and the route served.
-	other := route.Route{ServiceName: "other", ServicePath: []string{"/other"}, PathType: route.PathBeg}
-	if err := store.Put(ctx, other); err != nil {
+	// Another replica adds a route: that folder alone is read, and served.
+	if err := other.Put(ctx, route.Route{ServiceName: "other", ServicePath: []string{"/other"}, PathType: route.PathBeg}); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.SyncFromKVSeen(ctx, []route.Route{books, other}); err != nil {
+	if tables, folders := sync(seen()); tables != 0 || folders != 1 || !slices.Equal(store.lastFolders.Load().([]string), []string{"other"}) {
+		t.Fatalf("another replica's route: %d table and %d folder reads of %v; want the folder other only", tables, folders, store.lastFolders.Load())
+	}
+	if !serves("other-be") {
+		t.Fatalf("after another replica's write HAProxy serves:\n%s", hap.Config())
+	}
+
+	// This replica writes books-ms again; a snapshot older than that write and than the folder
+	// other changes nothing and reads nothing.
+	books.ServicePath, books.TimeoutServer = []string{"/api/v2/books"}, 120
+	if _, err := p.Reconfigure(ctx, books); err != nil {
 		t.Fatal(err)
 	}
-	if n := store.lists.Load() - before; n != 1 {
-		t.Fatalf("a table that differs was read %d times from KV, want 1", n)
+	if tables, folders := sync(before, beforeIndex); tables+folders != 0 {
+		t.Fatalf("an older snapshot: %d table and %d folder reads", tables, folders)
 	}
-	if served := string(hap.Config()); !strings.Contains(served, "backend other-be") {
-		t.Fatalf("after another replica's write HAProxy serves:\n%s", served)
+	if !serves("other-be") || !strings.Contains(string(hap.Config()), "/api/v2/books") {
+		t.Fatalf("an older snapshot changed what HAProxy serves:\n%s", hap.Config())
 	}
-	// An empty table seen while routes are served: read again too (it may be older than them).
-	if err := p.SyncFromKVSeen(ctx, nil); err != nil {
+
+	// Another replica deletes a route: it is read and no longer served.
+	if err := other.Delete(ctx, "other"); err != nil {
 		t.Fatal(err)
 	}
-	if n := store.lists.Load() - before; n != 2 {
-		t.Fatalf("an empty table seen was read %d times from KV, want 2", n)
+	if tables, folders := sync(seen()); tables != 0 || folders != 1 || serves("other-be") {
+		t.Fatalf("a deleted route: %d table and %d folder reads; HAProxy serves:\n%s", tables, folders, hap.Config())
 	}
-	if served := string(hap.Config()); !strings.Contains(served, "backend books-ms-be") {
-		t.Fatalf("an older empty table removed routes:\n%s", served)
+
+	// A key of books-ms deleted by hand: the folder is read again, and the route as KV has it now
+	// is served (the proxy's own server timeout).
+	if !strings.Contains(string(hap.Config()), "timeout server 120s") {
+		t.Fatalf("the route's timeout is not served:\n%s", hap.Config())
+	}
+	if _, err := client.API().KV().Delete("docker-flow/books-ms/timeoutserver", nil); err != nil {
+		t.Fatal(err)
+	}
+	if tables, folders := sync(seen()); tables != 0 || folders != 1 || strings.Contains(string(hap.Config()), "timeout server 120s") {
+		t.Fatalf("a key deleted by hand: %d table and %d folder reads, want 1 folder; HAProxy serves:\n%s", tables, folders, hap.Config())
+	}
+
+	// Many routes written at once by another replica: one read of the whole table.
+	for i := range maxFolderReads + 1 {
+		if err := other.Put(ctx, route.Route{ServiceName: fmt.Sprintf("bulk-%03d", i), ServicePath: []string{fmt.Sprintf("/bulk-%03d", i)}, PathType: route.PathBeg}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if tables, folders := sync(seen()); tables != 1 || folders != 0 || !serves("bulk-000-be") || !serves(fmt.Sprintf("bulk-%03d-be", maxFolderReads)) {
+		t.Fatalf("%d routes written at once: %d table and %d folder reads", maxFolderReads+1, tables, folders)
+	}
+	if tables, folders := sync(seen()); tables+folders != 0 {
+		t.Fatalf("the same table seen again: %d table and %d folder reads", tables, folders)
 	}
 }
 

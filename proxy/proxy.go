@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -62,11 +63,15 @@ func (p *Proxy) instancesOf(ctx context.Context, routes []route.Route) (map[stri
 
 // Store is the route table in Consul KV.
 type Store interface {
-	List(ctx context.Context) ([]route.Route, []error, error)
-	// Write puts a route (r != nil) or deletes it in one transaction and returns the version it
-	// left; Restore puts back prev if the folder still holds that version (check-and-set).
-	Write(ctx context.Context, service string, r *route.Route) (uint64, error)
-	Restore(ctx context.Context, service string, prev *route.Route, version uint64) (bool, error)
+	// Table reads the whole table; Folders the folders of some routes, at a cost that does not
+	// grow with the table.
+	Table(ctx context.Context) (route.KVTable, error)
+	Folders(ctx context.Context, services []string) (route.KVTable, error)
+	// Write puts a route (r != nil) or deletes it in one transaction and returns the version of
+	// the folder it left; Restore puts back prev if the folder still holds that version
+	// (check-and-set).
+	Write(ctx context.Context, service string, r *route.Route) (route.KVVersion, error)
+	Restore(ctx context.Context, service string, prev *route.Route, version route.KVVersion) (bool, error)
 }
 
 // HAProxy validates and applies configs. An HAProxy that also has UpdateServers (serverUpdater), as
@@ -137,6 +142,9 @@ type Proxy struct {
 	// byConsul lists, for each Consul service, the routes of backends that use it (sorted); nil
 	// when backends changed since it was built.
 	byConsul map[string][]string
+	// kv has the version of each folder of KV that the table served stands for: the one this
+	// replica wrote or read last. A watch of KV that sees other versions names the folders to read.
+	kv map[string]route.KVVersion
 
 	qmu   sync.Mutex
 	queue []*change // changes waiting for the next commit
@@ -148,7 +156,7 @@ func New(catalog Catalog, store Store, hap HAProxy, settings haproxy.Settings, l
 		logger = slog.Default()
 	}
 	return &Proxy{catalog: catalog, store: store, haproxy: hap, settings: settings, log: logger,
-		obs: noObserver{}, backends: map[string]route.Backend{}}
+		obs: noObserver{}, backends: map[string]route.Backend{}, kv: map[string]route.KVVersion{}}
 }
 
 // SetObserver makes o observe the controller (nil: nothing does). Call it before Load.
@@ -164,14 +172,14 @@ func (p *Proxy) SetObserver(o Observer) {
 // Load rebuilds the whole route table from KV and the catalog and returns the config that serves it.
 // The caller starts HAProxy with that config. Routes in KV that are not valid are logged and skipped.
 func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
-	routes, bad, err := p.store.List(ctx)
+	t, err := p.store.Table(ctx)
 	if p.consul(OpReadRoutes, err) != nil {
 		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
 	}
-	for _, e := range bad {
+	for _, e := range t.Invalid {
 		p.log.Warn("skipping a route in KV that is not valid", "error", e)
 	}
-	routes = p.withStatic(routes)
+	routes := p.withStatic(t.Routes)
 	known, err := p.instancesOf(ctx, routes)
 	if err != nil {
 		return nil, err
@@ -191,7 +199,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.backends, p.served, p.byConsul = backends, nil, nil
+	p.backends, p.served, p.byConsul, p.kv = backends, nil, nil, t.Versions
 	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
@@ -277,17 +285,19 @@ type change struct {
 	// fromKV brings the served table to KV's (force: re-reading every route's instances); it is
 	// expanded into subs when its batch is applied.
 	fromKV, force bool
-	// seen, for a fromKV change without force, is the table a watch of KV read: when the served
-	// table is that one already, KV is not read again (nil: always read).
-	seen []route.Route
-	subs []*change
+	// seen, for a fromKV change without force, has the versions of KV's folders that a watch saw
+	// at seenIndex: only the folders whose version differs from the one served are read (nil:
+	// the whole table is).
+	seen      map[string]route.KVVersion
+	seenIndex uint64
+	subs      []*change
 
 	instances []route.Instance
 
 	// Filled in while the change is applied: the route with its instances and templates, and the
-	// version of KV's folder it wrote.
+	// version of KV's folder it wrote or, for an observed change of the table, read.
 	backend route.Backend
-	version uint64
+	version route.KVVersion
 	existed bool
 	old     route.Backend
 }
@@ -381,36 +391,42 @@ func (p *Proxy) SyncFromKV(ctx context.Context) error {
 	return p.submit(ctx, &change{fromKV: true, observed: true, done: make(chan error, 1)})
 }
 
-// SyncFromKVSeen is SyncFromKV for the route table a watch of KV read: when the table served is
-// that one (the watch saw this replica's own write), nothing is read. Otherwise KV is read again,
-// in step with the controller's own changes, since seen may be older than the table served.
-func (p *Proxy) SyncFromKVSeen(ctx context.Context, seen []route.Route) error {
+// SyncFromKVSeen is SyncFromKV for the versions of KV's folders that a watch saw at Consul's index
+// index: only the folders whose version differs from the one served are read (in step with the
+// controller's own changes, like SyncFromKV), and none when the watch saw this replica's own
+// writes. A folder this replica wrote after index is left alone: the watch saw an older state.
+func (p *Proxy) SyncFromKVSeen(ctx context.Context, seen map[string]route.KVVersion, index uint64) error {
 	if seen == nil {
-		seen = []route.Route{}
+		seen = map[string]route.KVVersion{}
 	}
-	return p.submit(ctx, &change{fromKV: true, observed: true, seen: seen, done: make(chan error, 1)})
+	return p.submit(ctx, &change{fromKV: true, observed: true, seen: seen, seenIndex: index, done: make(chan error, 1)})
 }
 
-// servesLocked reports whether the table served is routes (with the routes of environment
-// variables, which win over a route of KV of the same name).
-func (p *Proxy) servesLocked(routes []route.Route) bool {
-	for name := range p.static {
-		if _, ok := p.backends[name]; !ok {
-			return false
+// staleLocked returns, sorted, the folders whose version seen at index differs from the one the
+// served table stands for, leaving out those this replica wrote after index.
+func (p *Proxy) staleLocked(seen map[string]route.KVVersion, index uint64) []string {
+	var out []string
+	for name, v := range seen {
+		if have, ok := p.kv[name]; !ok || have != v && have.Index <= index {
+			out = append(out, name)
 		}
 	}
-	n := 0
-	for _, r := range routes {
-		if _, ok := p.static[r.ServiceName]; ok {
-			continue
+	for name, have := range p.kv {
+		if _, ok := seen[name]; !ok && have.Index <= index {
+			out = append(out, name)
 		}
-		b, ok := p.backends[r.ServiceName]
-		if !ok || !b.Route.Equal(r) {
-			return false
-		}
-		n++
 	}
-	return n+len(p.static) == len(p.backends)
+	sort.Strings(out)
+	return out
+}
+
+// setKVLocked records the version of a folder that the served table stands for.
+func (p *Proxy) setKVLocked(service string, v route.KVVersion) {
+	if v == (route.KVVersion{}) {
+		delete(p.kv, service)
+	} else {
+		p.kv[service] = v
+	}
 }
 
 // Reload makes HAProxy load the route table again (and so the files it names, certificates among
@@ -433,6 +449,10 @@ func (p *Proxy) Reload(ctx context.Context, recreate bool) error {
 	return p.submit(ctx, &change{fromKV: true, force: true, observed: true, done: make(chan error, 1)})
 }
 
+// maxFolderReads is the number of changed folders above which a watch's news is read as the
+// whole table rather than folder by folder.
+const maxFolderReads = 256
+
 // expandLocked replaces each fromKV change by the changes that bring the served table to KV's: they
 // come first, so that the batch's requests, newer than the table, apply after them.
 func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*change, parents []*change) {
@@ -442,33 +462,29 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 			rest = append(rest, c)
 			continue
 		}
-		if c.seen != nil && !c.force && p.servesLocked(c.seen) {
-			c.done <- nil
-			continue
+		var scope []string // the folders read; nil: the whole table
+		if c.seen != nil && !c.force {
+			scope = p.staleLocked(c.seen, c.seenIndex)
+			if len(scope) == 0 {
+				c.done <- nil
+				continue
+			}
+			if len(scope) > maxFolderReads {
+				scope = nil
+			}
 		}
-		routes, bad, err := p.store.List(ctx)
+		var t route.KVTable
+		var err error
+		if scope == nil {
+			t, err = p.store.Table(ctx)
+		} else {
+			t, err = p.store.Folders(ctx, scope)
+		}
 		if p.consul(OpReadRoutes, err) != nil {
 			c.done <- fmt.Errorf("read route table: %w: %w", ErrConsul, err)
 			continue
 		}
-		for _, e := range bad {
-			p.log.Warn("skipping a route in KV that is not valid", "error", e)
-		}
-		routes = p.withStatic(routes)
-		current := make(map[string]route.Route, len(p.backends))
-		for name, b := range p.backends {
-			current[name] = b.Route
-		}
-		for _, r := range routes {
-			if old, ok := current[r.ServiceName]; c.force || !ok || !old.Equal(r) {
-				r := r
-				c.subs = append(c.subs, &change{service: r.ServiceName, route: &r, observed: true, done: make(chan error, 1)})
-			}
-			delete(current, r.ServiceName)
-		}
-		for _, name := range sortedNames(current) {
-			c.subs = append(c.subs, &change{service: name, observed: true, done: make(chan error, 1)})
-		}
+		c.subs = p.fromKVLocked(t, scope, c.force)
 		if len(c.subs) == 0 {
 			c.done <- nil
 			continue
@@ -479,13 +495,46 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 	return append(expanded, rest...), parents
 }
 
-func sortedNames(m map[string]route.Route) []string {
-	names := make([]string, 0, len(m))
-	for n := range m {
-		names = append(names, n)
+// fromKVLocked returns the changes that bring the served routes of scope (nil: every route) to
+// those of t, read from KV, with the routes of environment variables; force changes every route.
+// The folders already served as t has them are recorded as in step; the others are when their
+// change is applied.
+func (p *Proxy) fromKVLocked(t route.KVTable, scope []string, force bool) []*change {
+	for _, e := range t.Invalid {
+		p.log.Warn("skipping a route in KV that is not valid", "error", e)
 	}
-	sort.Strings(names)
-	return names
+	inKV := make(map[string]route.Route, len(t.Routes))
+	for _, r := range p.withStatic(t.Routes) {
+		inKV[r.ServiceName] = r
+	}
+	if scope == nil {
+		all := map[string]bool{}
+		for name := range p.backends {
+			all[name] = true
+		}
+		for name := range p.kv {
+			all[name] = true
+		}
+		for name := range t.Versions {
+			all[name] = true
+		}
+		scope = slices.Sorted(maps.Keys(all))
+	}
+	var subs []*change
+	for _, name := range scope {
+		r, ok := inKV[name]
+		b, served := p.backends[name]
+		v := t.Versions[name]
+		switch {
+		case ok && (force || !served || !b.Route.Equal(r)):
+			subs = append(subs, &change{service: name, route: &r, observed: true, version: v, done: make(chan error, 1)})
+		case !ok && served:
+			subs = append(subs, &change{service: name, observed: true, version: v, done: make(chan error, 1)})
+		default:
+			p.setKVLocked(name, v)
+		}
+	}
+	return subs
 }
 
 // commitLocked applies a batch of changes in the order that keeps every failure harmless: read the
@@ -594,6 +643,9 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 	p.backends, p.served, p.byConsul = next, cfg, nil
 	p.observeTableLocked()
 	for _, c := range written {
+		if !c.instancesOnly {
+			p.setKVLocked(c.service, c.version)
+		}
 		c.done <- nil
 	}
 }
@@ -719,6 +771,9 @@ func (p *Proxy) restore(ctx context.Context, c *change) error {
 		prev = &c.old.Route
 	}
 	restored, err := p.store.Restore(ctx, c.service, prev, c.version)
+	// The folder is now as this replica wrote it before, or as another replica wrote it: the
+	// next watch report reads it again.
+	delete(p.kv, c.service)
 	if err == nil && !restored {
 		p.log.Info("not restoring a route in KV: another replica wrote it since", "service", c.service)
 	}

@@ -172,3 +172,22 @@ func FromKV(serviceName string, kv map[string]string) (Route, error) {
 	}
 	return r, nil
 }
+
+// KVVersion tells one state of a route's folder in Consul KV from another: the highest ModifyIndex
+// of its keys and their number. Every write to the folder changes it: a key set or added raises the
+// index (Consul's indexes only grow), a key deleted lowers the count. The zero KVVersion is a
+// folder without keys.
+type KVVersion struct {
+	Index uint64
+	Keys  int
+}
+
+// KVTable is the route table, or some folders of it, as read from Consul KV.
+type KVTable struct {
+	// Routes are the folders that are valid routes, sorted by name; Invalid says why each of the
+	// others is not, sorted by name.
+	Routes  []Route
+	Invalid []error
+	// Versions has every folder read, valid or not; a folder without keys is not in it.
+	Versions map[string]KVVersion
+}

@@ -86,9 +86,10 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 		}
 		switch {
 		case u.RoutesChanged:
-			// The update is only the news that KV changed: the controller reads the table itself,
-			// in step with its own changes, so that an older snapshot never undoes a newer request.
-			if err := s.proxy.SyncFromKVSeen(ctx, u.Routes); err != nil {
+			// The update is only the news of which folders of KV changed: the controller reads them
+			// itself, in step with its own changes, so that an older snapshot never undoes a newer
+			// request.
+			if err := s.proxy.SyncFromKVSeen(ctx, u.Versions, u.Index); err != nil {
 				s.log.Error("applying the route table from KV failed", "error", err)
 			} else {
 				s.metrics.WatchUpdate(metrics.WatchRoutes)
