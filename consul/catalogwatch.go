@@ -2,8 +2,10 @@ package consul
 
 import (
 	"context"
+	"maps"
 	"slices"
 	"sort"
+	"strings"
 
 	"github.com/hashicorp/consul/api"
 
@@ -33,6 +35,10 @@ type catalogWatch struct {
 
 	emitted map[string][]route.Instance // the list last reported, per followed service
 	raw     map[string]string           // the fingerprint it was computed from
+	// dirty names the services whose entries may have changed since the last computation: the
+	// services of a node whose address, services or checks changed, and services newly followed.
+	// A computation goes through these only, not through every service followed.
+	dirty map[string]bool
 }
 
 type nodeView struct {
@@ -51,6 +57,7 @@ func newCatalogWatch() catalogWatch {
 		needNodes: map[string]uint64{},
 		emitted:   map[string][]route.Instance{},
 		raw:       map[string]string{},
+		dirty:     map[string]bool{},
 	}
 }
 
@@ -59,6 +66,64 @@ func (cw *catalogWatch) signal() {
 	select {
 	case cw.kick <- struct{}{}:
 	default:
+	}
+}
+
+// markNode marks the services of a node whose services are now ns: every one when the node's
+// address changed (or it was not read before, or is gone: ns nil), otherwise those added, changed
+// or removed.
+func (cw *catalogWatch) markNode(old *nodeView, ns *nodeServices) {
+	switch {
+	case old == nil && ns == nil:
+	case old == nil:
+		cw.markAll(ns.services)
+	case ns == nil || old.address != ns.address:
+		cw.markAll(old.services)
+		if ns != nil {
+			cw.markAll(ns.services)
+		}
+	default:
+		// Both lists are sorted by ID: a merge finds the differences.
+		a, b := old.services, ns.services
+		for len(a) > 0 || len(b) > 0 {
+			switch {
+			case len(b) == 0 || len(a) > 0 && a[0].ID < b[0].ID:
+				cw.dirty[a[0].Name] = true
+				a = a[1:]
+			case len(a) == 0 || b[0].ID < a[0].ID:
+				cw.dirty[b[0].Name] = true
+				b = b[1:]
+			default:
+				if a[0] != b[0] {
+					cw.dirty[a[0].Name], cw.dirty[b[0].Name] = true, true
+				}
+				a, b = a[1:], b[1:]
+			}
+		}
+	}
+}
+
+func (cw *catalogWatch) markAll(services []serviceState) {
+	for _, s := range services {
+		cw.dirty[s.Name] = true
+	}
+}
+
+// markCheck marks the services a check applies to: every service of its node for a node check,
+// else its own service. A node not read yet marks its services when it is.
+func (cw *catalogWatch) markCheck(c checkState) {
+	v := cw.nodes[c.Node]
+	if v == nil {
+		return
+	}
+	if c.ServiceID == "" {
+		cw.markAll(v.services)
+		return
+	}
+	if i, ok := slices.BinarySearchFunc(v.services, c.ServiceID, func(s serviceState, id string) int {
+		return strings.Compare(s.ID, id)
+	}); ok {
+		cw.dirty[v.services[i].Name] = true
 	}
 }
 
@@ -166,6 +231,7 @@ func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
 	for n, nw := range cw.nodeWs {
 		if !listed[n] {
 			w.stopLocked(nw)
+			cw.markNode(cw.nodes[n], nil)
 			delete(cw.nodeWs, n)
 			delete(cw.nodes, n)
 			delete(cw.needNodes, n)
@@ -195,6 +261,7 @@ func (w *Watcher) applyNodeLocked(node string, ns nodeServices, index uint64) {
 	if addsServices(old, ns) {
 		cw.needChecks = max(cw.needChecks, index)
 	}
+	cw.markNode(old, &ns)
 	cw.nodes[node] = &nodeView{nodeServices: ns, index: index}
 	if need, ok := cw.needNodes[node]; ok && index >= need {
 		delete(cw.needNodes, node)
@@ -240,17 +307,27 @@ func (w *Watcher) deliverChecks(wt *watch, cs []checkState, index uint64, reset 
 func (w *Watcher) applyChecksLocked(cs []checkState, index uint64) {
 	cw := &w.cat
 	type key struct{ node, id string }
-	now := make(map[key]bool, len(cs))
+	now := make(map[key]checkState, len(cs))
 	for _, c := range cs {
-		now[key{c.Node, c.CheckID}] = true
+		now[key{c.Node, c.CheckID}] = c
 	}
 	for _, c := range cw.checks {
-		if now[key{c.Node, c.CheckID}] {
+		k := key{c.Node, c.CheckID}
+		if n, ok := now[k]; ok {
+			if n != c {
+				cw.markCheck(c)
+				cw.markCheck(n)
+			}
+			delete(now, k) // what is left is new
 			continue
 		}
+		cw.markCheck(c)
 		if v := cw.nodes[c.Node]; v != nil && v.index < index {
 			cw.needNodes[c.Node] = max(cw.needNodes[c.Node], index)
 		}
+	}
+	for _, c := range now {
+		cw.markCheck(c)
 	}
 	cw.checks, cw.checksIndex, cw.checksKnown = cs, index, true
 	if index >= cw.needChecks {
@@ -341,20 +418,25 @@ func (w *Watcher) refresh(ctx context.Context) bool {
 // last (or that was never reported). w.mu is held.
 func (w *Watcher) computeLocked() {
 	cw := &w.cat
-	if !cw.ready() || len(w.services) == 0 {
+	if !cw.ready() {
+		return
+	}
+	want := make(map[string]bool, len(cw.dirty))
+	for s := range cw.dirty {
+		if w.services[s] {
+			want[s] = true
+		}
+	}
+	clear(cw.dirty)
+	if len(want) == 0 {
 		return
 	}
 	snap := catalogSnapshot{nodes: make(map[string]nodeServices, len(cw.nodes)), checks: cw.checks}
 	for n, v := range cw.nodes {
 		snap.nodes[n] = v.nodeServices
 	}
-	entries := snap.entries(w.services)
-	names := make([]string, 0, len(w.services))
-	for s := range w.services {
-		names = append(names, s)
-	}
-	sort.Strings(names)
-	for _, s := range names {
+	entries := snap.entries(want)
+	for _, s := range slices.Sorted(maps.Keys(want)) {
 		fp := fingerprint(w.filter, entries[s])
 		if raw, ok := cw.raw[s]; ok && raw == fp {
 			continue

@@ -79,6 +79,60 @@ func TestCatalogWatchSecondNode(t *testing.T) {
 	passing.expectNone(t, 700*time.Millisecond, "the critical node leaving (its instance was out already)")
 }
 
+// A change reaches exactly the services it touches: a service's check its own service, the node's
+// address or check every service on the node, a service's port that service; the others are not
+// reported again.
+func TestCatalogWatchReportsOnlyTheServicesAChangeTouches(t *testing.T) {
+	t.Parallel()
+	agent := testenv.StartConsul(t)
+	c, _ := newClient(t, agent.Addr)
+	register := func(address, service string, port int, checkID, status string) {
+		body := map[string]any{"Node": "host-3", "Address": address}
+		if service != "" {
+			body["Service"] = map[string]any{"ID": service + "-1", "Service": service, "Port": port}
+		}
+		if checkID != "" {
+			check := map[string]any{"CheckID": checkID, "Name": checkID, "Status": status}
+			if service != "" {
+				check["ServiceID"] = service + "-1"
+			}
+			body["Check"] = check
+		}
+		consulPut(t, agent, "/v1/catalog/register", body)
+	}
+	register("10.3.0.1", "api", 8080, "api-check", "passing")
+	register("10.3.0.1", "web", 80, "web-check", "passing")
+	register("10.3.0.1", "", 0, "host-3-alive", "passing")
+	waitInstances(t, c, "web", HealthAny, 1)
+	r := startWatcher(t, c, nil, HealthPassing, []string{"api", "web"}, nil)
+	r.waitAll(t, 5*time.Second, map[string]func(Update) bool{
+		"api": instancesOf("api", inst("10.3.0.1", 8080)),
+		"web": instancesOf("web", inst("10.3.0.1", 80)),
+	})
+
+	register("10.3.0.1", "api", 8080, "api-check", "critical")
+	r.waitFor(t, 5*time.Second, "without the critical api instance", instancesOf("api"))
+	r.expectNone(t, 500*time.Millisecond, "api's check turning critical, for web")
+
+	register("10.3.0.1", "web", 81, "web-check", "passing")
+	r.waitFor(t, 5*time.Second, "with web's new port", instancesOf("web", inst("10.3.0.1", 81)))
+	r.expectNone(t, 500*time.Millisecond, "web's port changing, for api")
+
+	register("10.3.0.1", "api", 8080, "api-check", "passing")
+	r.waitFor(t, 5*time.Second, "with api passing again", instancesOf("api", inst("10.3.0.1", 8080)))
+	register("10.3.0.2", "", 0, "", "")
+	r.waitAll(t, 5*time.Second, map[string]func(Update) bool{
+		"api": instancesOf("api", inst("10.3.0.2", 8080)),
+		"web": instancesOf("web", inst("10.3.0.2", 81)),
+	})
+	register("10.3.0.2", "", 0, "host-3-alive", "critical")
+	r.waitAll(t, 5*time.Second, map[string]func(Update) bool{
+		"api": instancesOf("api"),
+		"web": instancesOf("web"),
+	})
+	r.expectNone(t, 500*time.Millisecond, "after the node's check")
+}
+
 // Each health filter keeps what Client.Instances keeps while a check goes critical -> warning ->
 // passing -> critical, and a change of another service reports nothing.
 func TestCatalogWatchHealthFilters(t *testing.T) {

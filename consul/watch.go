@@ -191,6 +191,11 @@ func (w *Watcher) Services(names []string) {
 			w.dequeueLocked(updateKey{kind: kindService, service: name})
 		}
 	}
+	for name := range want {
+		if !w.services[name] {
+			w.cat.dirty[name] = true
+		}
+	}
 	w.services = want
 	w.cat.signal()
 }
