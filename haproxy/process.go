@@ -634,6 +634,7 @@ func (p *Process) launch(ctx context.Context) (*instance, error) {
 		return nil, err
 	}
 	cmd := exec.Command(p.bin, "-W", "-db", "-f", p.cfgPath, "-S", p.sockPath+",mode,600")
+	cmd.Env = haproxyEnv()
 	cmd.Stdout, cmd.Stderr = w, w
 	// Own process group: Stop can signal the master and every worker at once. Pdeathsig: the
 	// master does not outlive this process (the workers follow their master).
@@ -868,6 +869,7 @@ func (o *output) alertsAfterExit() []string {
 // validateFile runs `haproxy -c -f path`. Not -q: it silences the ALERT lines too.
 func (p *Process) validateFile(ctx context.Context, path string) error {
 	cmd := exec.CommandContext(ctx, p.bin, "-c", "-f", path)
+	cmd.Env = haproxyEnv()
 	out, err := cmd.CombinedOutput()
 	if err == nil {
 		return nil
@@ -893,6 +895,29 @@ func (p *Process) validateFile(ctx context.Context, path string) error {
 		msg = exit.String()
 	}
 	return &ConfigError{Output: msg}
+}
+
+// mallocEnv makes glibc's malloc, in HAProxy, back its heap with transparent huge pages (where
+// the kernel allows them on request, as Debian's default "madvise" does) and grow it 64 MB at a
+// time. HAProxy allocates some 8 KB per backend and 4 KB per server while it parses its config:
+// with 10,000 backends of three servers, 4 KB pages cost some 50,000 page faults, most of the
+// time of every check, start and reload (0.65 s on a 2-core VM); huge pages take that to 0.13 s,
+// for the same memory. Small configs are not slower. The top pad goes in its own variable: glibc
+// cuts GLIBC_TUNABLES after its first tunable in the environment it hands on, which HAProxy's
+// master re-executes itself with on a reload.
+var mallocEnv = []string{"GLIBC_TUNABLES=glibc.malloc.hugetlb=1", "MALLOC_TOP_PAD_=67108864"}
+
+// haproxyEnv is the environment HAProxy runs with: this process's, with each variable of mallocEnv
+// that is not set already (the operator's choice wins).
+func haproxyEnv() []string {
+	env := os.Environ()
+	for _, kv := range mallocEnv {
+		name, _, _ := strings.Cut(kv, "=")
+		if _, ok := os.LookupEnv(name); !ok {
+			env = append(env, kv)
+		}
+	}
+	return env
 }
 
 // writeTemp writes data to a new temp file in Dir (created if missing) and returns its path.

@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -509,5 +510,47 @@ func TestValidatePartThenARefusedWholeKeepsTheOldConfig(t *testing.T) {
 	mustGet(t, front, "b")
 	if after := showProc(t, p); after.Reloads <= before.Reloads {
 		t.Fatalf("reloads = %d, want more than %d", after.Reloads, before.Reloads)
+	}
+}
+
+// HAProxy's master and worker run with the malloc settings, after a reload too; an operator's own
+// setting wins.
+func TestHAProxyRunsWithTheMallocSettings(t *testing.T) {
+	environ := func(pid int) []string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join("/proc", fmt.Sprint(pid), "environ"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Split(string(b), "\x00")
+	}
+	hasAll := func(env []string) bool {
+		for _, kv := range mallocEnv {
+			if !slices.Contains(env, kv) {
+				return false
+			}
+		}
+		return true
+	}
+	back := startBackend(t, "one")
+	front := testenv.FreePort(t)
+	p := startProcess(t, procConfig(front, back, 0))
+	if env := environ(showProc(t, p).MasterPID); !hasAll(env) {
+		t.Errorf("the master's environment lacks %v: %v", mallocEnv, env)
+	}
+	if err := p.Reload(ctxFor(t, 10*time.Second), procConfig(front, back, 0)); err != nil {
+		t.Fatal(err)
+	}
+	info := showProc(t, p)
+	for _, pid := range []int{info.MasterPID, info.Workers[0]} {
+		if env := environ(pid); !hasAll(env) {
+			t.Errorf("after a reload, the environment of %d lacks %v: %v", pid, mallocEnv, env)
+		}
+	}
+	mustGet(t, front, "one")
+
+	t.Setenv("MALLOC_TOP_PAD_", "1048576")
+	if env := haproxyEnv(); !slices.Contains(env, "MALLOC_TOP_PAD_=1048576") || !slices.Contains(env, mallocEnv[0]) || slices.Contains(env, mallocEnv[1]) {
+		t.Errorf("with MALLOC_TOP_PAD_ set, HAProxy's environment has %v", env)
 	}
 }

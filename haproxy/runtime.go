@@ -588,6 +588,14 @@ func (p *Process) SetReloadHook(f func(time.Duration, error)) {
 	p.mu.Unlock()
 }
 
+// Settled reports whether HAProxy runs its config as written: no route added through the runtime
+// API is served by a spare backend, waiting for the reload that gives it its own.
+func (p *Process) Settled() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.ov.inUse()
+}
+
 // consolidateLater schedules the reload that gives the routes served by spares their own backends,
 // ConsolidateAfter after the last route added.
 func (p *Process) consolidateLater() {

@@ -235,6 +235,14 @@ func (p *Proxy) Routes() []route.Backend {
 	return out
 }
 
+// ConsulServices returns the Consul services whose instances the served routes use, in no order.
+func (p *Proxy) ConsulServices() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.routesUsingLocked("")
+	return slices.Collect(maps.Keys(p.byConsul))
+}
+
 // Reconfigure adds or replaces a route. It returns once HAProxy serves it, with the instances found.
 // On any failure nothing changes: neither KV nor what HAProxy serves.
 func (p *Proxy) Reconfigure(ctx context.Context, r route.Route) ([]route.Instance, error) {
@@ -366,7 +374,8 @@ func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst 
 }
 
 // routesUsingLocked returns the routes that use a Consul service, sorted. A watch reports every
-// service of the table after a start: the index keeps each report from going through the table.
+// service of the table after a start: the index (byConsul, built here when the table changed)
+// keeps each report from going through the table.
 func (p *Proxy) routesUsingLocked(consulService string) []string {
 	if p.byConsul == nil {
 		p.byConsul = map[string][]string{}

@@ -34,13 +34,7 @@ func (o *outage) get() (error, time.Time) {
 // route table in KV changed (a reconfigure or remove on another replica). It keeps the watched
 // services equal to the routed ones. It returns when ctx ends.
 func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
-	watchRouted := func() {
-		var names []string
-		for _, b := range s.proxy.Routes() {
-			names = append(names, b.Route.ConsulServices()...)
-		}
-		w.Services(names)
-	}
+	watchRouted := func() { w.Services(s.proxy.ConsulServices()) }
 	watchRouted()
 	for {
 		var u consul.Update

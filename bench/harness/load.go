@@ -38,12 +38,17 @@ func (h *harness) checkWrk() error {
 	return nil
 }
 
-// load sends keep-alive requests to url for RPSDuration from Connections connections.
-func (h *harness) load(ctx context.Context, url string) (loadResult, error) {
+// load sends keep-alive requests to url for d from Connections connections.
+func (h *harness) load(ctx context.Context, url string, d time.Duration) (loadResult, error) {
 	if h.wrk != "" {
-		return h.runWrk(ctx, url)
+		return h.runWrk(ctx, url, d)
 	}
-	return goLoad(ctx, url, h.cfg.Connections, h.cfg.RPSDuration)
+	return goLoad(ctx, url, h.cfg.Connections, d)
+}
+
+// add sums two runs: requests and failures, and the mean of their rates (runs of equal length).
+func (r loadResult) add(o loadResult) loadResult {
+	return loadResult{rps: (r.rps + o.rps) / 2, total: r.total + o.total, failed: r.failed + o.failed}
 }
 
 var (
@@ -53,8 +58,7 @@ var (
 	wrkSocketEr = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 )
 
-func (h *harness) runWrk(ctx context.Context, url string) (loadResult, error) {
-	d := h.cfg.RPSDuration
+func (h *harness) runWrk(ctx context.Context, url string, d time.Duration) (loadResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
 	secs := max(int(d.Round(time.Second)/time.Second), 1)

@@ -428,3 +428,27 @@ func parallel(ctx context.Context, workers, n int, f func(ctx context.Context, i
 	}
 	return first
 }
+
+// settleTimeout bounds the wait for HAProxy to settle after a series of reconfigures.
+const settleTimeout = 60 * time.Second
+
+// settle waits until HAProxy runs its config as written (no route waits on a spare backend for its
+// reload) and has no old worker left.
+func (w *world) settle(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, settleTimeout)
+	defer cancel()
+	hap := w.srv.HAProxy()
+	for {
+		if hap.Settled() {
+			info, err := hap.ShowProc(ctx)
+			if err == nil && len(info.OldWorkers) == 0 && hap.Settled() {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("haproxy did not settle within %s (routes on spare backends, or old workers)", settleTimeout)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
