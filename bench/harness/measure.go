@@ -370,4 +370,3 @@ func (w *world) get(ctx context.Context, path string) ([]byte, error) {
 	}
 	return b, err
 }
-
