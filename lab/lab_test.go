@@ -95,26 +95,23 @@ func TestVagrantfileValidatesWithTheArticlesMachines(t *testing.T) {
 	root := testenv.ModuleRoot(t)
 	// Vagrant keeps machine state in .vagrant/ next to the Vagrantfile: not in the clone.
 	env := []string{"VAGRANT_DOTFILE_PATH=" + filepath.Join(t.TempDir(), "vagrant"), "VAGRANT_NO_COLOR=1", "VAGRANT_CHECKPOINT_DISABLE=1"}
-	out, err := command(2*time.Minute, root, env, vagrant, "validate")
+	// No hypervisor runs here (nor in CI): --ignore-provider validates everything but the
+	// VirtualBox and libvirt blocks, and needs no usable provider, which `vagrant status` does.
+	out, err := command(2*time.Minute, root, env, vagrant, "validate", "--ignore-provider", "--machine-readable")
 	if err != nil || !strings.Contains(out, "validated successfully") {
 		t.Fatalf("vagrant validate: %v\n%s", err, out)
-	}
-
-	out, err = command(2*time.Minute, root, env, vagrant, "status", "--machine-readable")
-	if err != nil {
-		t.Fatalf("vagrant status: %v\n%s", err, out)
 	}
 	var machines []string
 	for _, line := range strings.Split(out, "\n") {
 		// timestamp,target,type,data...
 		f := strings.Split(line, ",")
-		if len(f) >= 4 && f[2] == "state" && f[1] != "" {
+		if len(f) >= 4 && f[2] == "metadata" && f[3] == "provider" && f[1] != "" {
 			machines = append(machines, f[1])
 		}
 	}
 	want := []string{"swarm-master", "swarm-node-1", "swarm-node-2", "jenkins"}
 	if !slices.Equal(machines, want) {
-		t.Fatalf("vagrant status lists machines %v, want %v\n%s", machines, want, out)
+		t.Fatalf("vagrant validate lists machines %v, want %v\n%s", machines, want, out)
 	}
 
 	// The inventory the Vagrantfile reads gives the article's private IPs.
