@@ -479,18 +479,19 @@ func TestParseShowProc(t *testing.T) {
 	}
 }
 
-// A config taken as validated through ValidatePart is reloaded without a check of its own; if
-// HAProxy refuses it all the same, the reload fails and the config served keeps serving.
-func TestValidatePartThenARefusedWholeKeepsTheOldConfig(t *testing.T) {
+// A config vouched for is reloaded without a check of its own; if HAProxy refuses it all the same,
+// the reload fails and the config served keeps serving.
+func TestVouchedForThenARefusedWholeKeepsTheOldConfig(t *testing.T) {
 	a, b, front := startBackend(t, "a"), startBackend(t, "b"), testenv.FreePort(t)
 	good := procConfig(front, a, 0)
 	p := startProcess(t, good)
 	before := showProc(t, p)
 
 	bad := bytes.Replace(procConfig(front, b, 0), []byte("global\n"), []byte("global\n    bogus_keyword\n"), 1)
-	if err := p.ValidatePart(ctxFor(t, 10*time.Second), good, bad); err != nil {
-		t.Fatalf("ValidatePart(good part) = %v", err)
+	if err := p.Validate(ctxFor(t, 10*time.Second), good); err != nil {
+		t.Fatalf("Validate(good part) = %v", err)
 	}
+	p.Vouch(bad)
 	err := p.Apply(ctxFor(t, 15*time.Second), bad)
 	if !errors.Is(err, ErrReloadFailed) {
 		t.Fatalf("Apply(refused whole) = %v, want ErrReloadFailed", err)
@@ -499,11 +500,7 @@ func TestValidatePartThenARefusedWholeKeepsTheOldConfig(t *testing.T) {
 	if !bytes.Equal(onDisk(t, p), good) || !bytes.Equal(p.Config(), good) {
 		t.Fatal("after the refused reload haproxy.cfg or Config() is not the previous config")
 	}
-	// A part HAProxy refuses is a *ConfigError, and nothing is taken as validated.
-	var cfgErr *ConfigError
-	if err := p.ValidatePart(ctxFor(t, 10*time.Second), bad, procConfig(front, b, 0)); !errors.As(err, &cfgErr) {
-		t.Fatalf("ValidatePart(bad part) = %v, want a *ConfigError", err)
-	}
+	// The vouching served once: a good config is checked and served.
 	if err := p.Apply(ctxFor(t, 15*time.Second), procConfig(front, b, 0)); err != nil {
 		t.Fatalf("Apply of a good config after the failures: %v", err)
 	}

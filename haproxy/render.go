@@ -359,7 +359,14 @@ func tcpPorts(bs []route.Backend) (ports []int, dests map[int][]tcpDest) {
 // shared with a TCP destination. Two SNI destinations may share a port when their names differ. The
 // error is a *route.ParamError naming the later destination's srcPort.
 func CheckPorts(s Settings, backends []route.Backend) error {
-	bs := sortedBackends(backends)
+	// Only routes with a TCP or SNI destination take ports: the others are not sorted.
+	var withPorts []route.Backend
+	for _, b := range backends {
+		if slices.ContainsFunc(b.Route.Destinations(), func(d route.Dest) bool { return d.Mode() != route.ModeHTTP }) {
+			withPorts = append(withPorts, b)
+		}
+	}
+	bs := sortedBackends(withPorts)
 	reserved := map[int]string{s.HTTPPort: "the proxy's HTTP port", s.HTTPSPort: "the proxy's HTTPS port"}
 	if s.StatsPort > 0 {
 		reserved[s.StatsPort] = "the proxy's stats port"

@@ -426,7 +426,7 @@ func statsSocket(cfg []byte) string {
 //     and a change that needs more spares than are free is refused (ErrNeedsReload).
 //
 // Otherwise it returns an error wrapping ErrNeedsReload and changes nothing. cfg is validated with
-// `haproxy -c` first (a *ConfigError), unless it is the config ValidatePart just passed. On success
+// `haproxy -c` first (a *ConfigError), unless it is the config Vouch was just given. On success
 // cfg and its map files are on disk and Config returns it; the reload count does not change. On any
 // other error HAProxy may be partly updated: the caller must Apply cfg (a reload), which repairs it.
 // A cfg equal to the one served returns nil at once. The Delta says what changed.

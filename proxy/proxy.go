@@ -592,8 +592,8 @@ func (p *Proxy) commitLocked(ctx context.Context, batch []*change) {
 		return
 	}
 	p.refreshTemplatesLocked(ctx, ready, next)
-	cfg := p.renderLocked(next)
-	if err := p.validatePart(ctx, p.checkConfigLocked(next, ready, cfg), cfg); err != nil {
+	cfg, err := p.renderCheckedLocked(ctx, next, ready)
+	if err != nil {
 		if len(ready) > 1 {
 			// Find the change that HAProxy rejects: apply them one by one.
 			for _, c := range ready {
@@ -797,18 +797,18 @@ func (p *Proxy) servedLocked() []byte {
 	return p.served
 }
 
-// checkConfigLocked is the config that `haproxy -c` checks before a batch is applied: the routes the
+// checkPartLocked is the config that `haproxy -c` checks before a batch is applied: the routes the
 // batch changes, rendered alone with the proxy-wide sections. The other routes passed the check
 // when they were applied, and routes share nothing in haproxy.cfg but names the renderer keeps
 // apart (and source ports, which checkPortsLocked compares), so this stands for the whole config at
 // a cost that does not grow with the table. When a route has a custom template, which may refer
-// to other routes' backends, the whole config is checked. The reload checks the whole config too: a
-// config it refuses is never served.
-func (p *Proxy) checkConfigLocked(next map[string]route.Backend, batch []*change, full []byte) []byte {
+// to other routes' backends, the whole config must be checked: it returns nil. The reload checks
+// the whole config too: a config it refuses is never served.
+func (p *Proxy) checkPartLocked(next map[string]route.Backend, batch []*change) []byte {
 	subset := map[string]route.Backend{}
 	for _, b := range next {
 		if b.FrontendSnippet != "" || b.BackendSnippet != "" {
-			return full
+			return nil
 		}
 	}
 	for _, c := range batch {
@@ -842,21 +842,31 @@ func (p *Proxy) validate(ctx context.Context, cfg []byte) error {
 	return err
 }
 
-// partValidator is an HAProxy that takes a check of part of a config (checkConfigLocked) for a check
-// of the whole, which it then applies without checking it again.
-type partValidator interface {
-	ValidatePart(ctx context.Context, part, whole []byte) error
+// voucher is an HAProxy that takes a check of part of a config (checkPartLocked) for a check of the
+// whole, which it then applies without checking it again.
+type voucher interface {
+	Vouch(whole []byte)
 }
 
-// validatePart checks part, which stands for whole.
-func (p *Proxy) validatePart(ctx context.Context, part, whole []byte) error {
-	pv, ok := p.haproxy.(partValidator)
-	if !ok || bytes.Equal(part, whole) {
-		return p.validate(ctx, whole)
+// renderCheckedLocked renders the config of next and checks it with `haproxy -c`: the part the
+// batch changes, while the whole config renders, when HAProxy takes that check for the whole;
+// otherwise the whole config, once rendered.
+func (p *Proxy) renderCheckedLocked(ctx context.Context, next map[string]route.Backend, batch []*change) ([]byte, error) {
+	v, ok := p.haproxy.(voucher)
+	part := p.checkPartLocked(next, batch)
+	if !ok || part == nil {
+		cfg := p.renderLocked(next)
+		return cfg, p.validate(ctx, cfg)
 	}
-	err := pv.ValidatePart(ctx, part, whole)
+	checked := make(chan error, 1)
+	go func() { checked <- p.haproxy.Validate(ctx, part) }()
+	cfg := p.renderLocked(next)
+	err := <-checked
 	p.obs.Validated(err)
-	return err
+	if err == nil {
+		v.Vouch(cfg)
+	}
+	return cfg, err
 }
 
 // consul tells the observer how a Consul operation went and returns its error.
