@@ -858,10 +858,11 @@ func (p *Proxy) renderCheckedLocked(ctx context.Context, next map[string]route.B
 		cfg := p.renderLocked(next)
 		return cfg, p.validate(ctx, cfg)
 	}
-	checked := make(chan error, 1)
-	go func() { checked <- p.haproxy.Validate(ctx, part) }()
-	cfg := p.renderLocked(next)
-	err := <-checked
+	// The render is pure computation on next, which nothing else touches meanwhile.
+	rendered := make(chan []byte, 1)
+	go func() { rendered <- p.renderLocked(next) }()
+	err := p.haproxy.Validate(ctx, part)
+	cfg := <-rendered
 	p.obs.Validated(err)
 	if err == nil {
 		v.Vouch(cfg)
