@@ -239,8 +239,7 @@ func (p *Proxy) Routes() []route.Backend {
 func (p *Proxy) ConsulServices() []string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.routesUsingLocked("")
-	return slices.Collect(maps.Keys(p.byConsul))
+	return slices.Collect(maps.Keys(p.byConsulLocked()))
 }
 
 // Reconfigure adds or replaces a route. It returns once HAProxy serves it, with the instances found.
@@ -374,9 +373,14 @@ func (p *Proxy) UpdateInstances(ctx context.Context, consulService string, inst 
 }
 
 // routesUsingLocked returns the routes that use a Consul service, sorted. A watch reports every
-// service of the table after a start: the index (byConsul, built here when the table changed)
-// keeps each report from going through the table.
+// service of the table after a start: the index keeps each report from going through the table.
 func (p *Proxy) routesUsingLocked(consulService string) []string {
+	return p.byConsulLocked()[consulService]
+}
+
+// byConsulLocked is the index of the routes by the Consul services they use, built when the table
+// changed since.
+func (p *Proxy) byConsulLocked() map[string][]string {
 	if p.byConsul == nil {
 		p.byConsul = map[string][]string{}
 		for name, b := range p.backends {
@@ -389,7 +393,7 @@ func (p *Proxy) routesUsingLocked(consulService string) []string {
 			p.byConsul[svc] = slices.Compact(names)
 		}
 	}
-	return p.byConsul[consulService]
+	return p.byConsul
 }
 
 // SyncFromKV makes the served routes those of the route table in KV (written by this or another
