@@ -233,8 +233,9 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 
 // churnInFlight bounds the reconfigure calls of item 4 waiting at once: at 10,000 services a
 // reload takes a second or more, and the calls that arrive meanwhile wait for the next one (which
-// applies them together), so five a second keep some ten waiting.
-const churnInFlight = 32
+// applies them together): under load a call may wait several seconds, and five a second keep
+// tens of them waiting.
+const churnInFlight = 64
 
 // churnRows sends requests through the proxy to a routed service from Connections/4 keep-alive
 // clients for ChurnDuration while reconfigure is called ChurnRate times a second, alternating a
