@@ -500,7 +500,12 @@ func TestVouchedForThenARefusedWholeKeepsTheOldConfig(t *testing.T) {
 	if !bytes.Equal(onDisk(t, p), good) || !bytes.Equal(p.Config(), good) {
 		t.Fatal("after the refused reload haproxy.cfg or Config() is not the previous config")
 	}
-	// The vouching served once: a good config is checked and served.
+	// A part HAProxy refuses is a *ConfigError; the vouching served once: a good config is checked
+	// and served.
+	var cfgErr *ConfigError
+	if err := p.Validate(ctxFor(t, 10*time.Second), bad); !errors.As(err, &cfgErr) {
+		t.Fatalf("Validate(bad part) = %v, want a *ConfigError", err)
+	}
 	if err := p.Apply(ctxFor(t, 15*time.Second), procConfig(front, b, 0)); err != nil {
 		t.Fatalf("Apply of a good config after the failures: %v", err)
 	}

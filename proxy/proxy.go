@@ -176,10 +176,7 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	if p.consul(OpReadRoutes, err) != nil {
 		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
 	}
-	for _, e := range t.Invalid {
-		p.log.Warn("skipping a route in KV that is not valid", "error", e)
-	}
-	routes := p.withStatic(t.Routes)
+	routes := p.routesOf(t)
 	known, err := p.instancesOf(ctx, routes)
 	if err != nil {
 		return nil, err
@@ -508,16 +505,22 @@ func (p *Proxy) expandLocked(ctx context.Context, batch []*change) (expanded []*
 	return append(expanded, rest...), parents
 }
 
+// routesOf returns the routes of a table read from KV, with the routes of environment variables,
+// and logs the folders that are not valid routes.
+func (p *Proxy) routesOf(t route.KVTable) []route.Route {
+	for _, e := range t.Invalid {
+		p.log.Warn("skipping a route in KV that is not valid", "error", e)
+	}
+	return p.withStatic(t.Routes)
+}
+
 // fromKVLocked returns the changes that bring the served routes of scope (nil: every route) to
 // those of t, read from KV, with the routes of environment variables; force changes every route.
 // The folders already served as t has them are recorded as in step; the others are when their
 // change is applied.
 func (p *Proxy) fromKVLocked(t route.KVTable, scope []string, force bool) []*change {
-	for _, e := range t.Invalid {
-		p.log.Warn("skipping a route in KV that is not valid", "error", e)
-	}
 	inKV := make(map[string]route.Route, len(t.Routes))
-	for _, r := range p.withStatic(t.Routes) {
+	for _, r := range p.routesOf(t) {
 		inKV[r.ServiceName] = r
 	}
 	if scope == nil {
