@@ -26,7 +26,6 @@ import (
 var (
 	buildOnce sync.Once
 	binPath   string
-	buildErr  error
 )
 
 // binary builds cmd/docker-flow-proxy once per test run.
@@ -35,18 +34,12 @@ func binary(t *testing.T) string {
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "dfp-e2e-bin")
 		if err != nil {
-			buildErr = err
-			return
+			t.Fatal(err)
 		}
-		binPath = filepath.Join(dir, "docker-flow-proxy")
-		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/docker-flow-proxy")
-		cmd.Dir = testenv.ModuleRoot(t)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
+		binPath = testenv.BuildProxy(t, dir)
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if binPath == "" {
+		t.Fatal("cmd/docker-flow-proxy was not built (see the first test that asked for it)")
 	}
 	return binPath
 }

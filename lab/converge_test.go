@@ -158,7 +158,7 @@ func TestRolesConvergeOnADebianHost(t *testing.T) {
 	docker := tool(t, "docker") // Ansible's docker connection runs it
 	cli := testenv.Docker(t)
 	consulBin := testenv.ConsulBin(t)
-	proxyBin := buildProxy(t)
+	proxyBin := testenv.BuildProxy(t, t.TempDir())
 	ensureDebianImage(t, cli)
 	host, ip := startDebianHost(t, cli)
 	root := testenv.ModuleRoot(t)

@@ -52,19 +52,6 @@ func command(limit time.Duration, dir string, env []string, name string, args ..
 	return out.String(), err
 }
 
-// buildProxy builds cmd/docker-flow-proxy, static (it also runs on the Debian host the test
-// makes), into a folder of the test.
-func buildProxy(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "docker-flow-proxy")
-	out, err := command(5*time.Minute, testenv.ModuleRoot(t), []string{"CGO_ENABLED=0"},
-		"go", "build", "-trimpath", "-o", bin, "./cmd/docker-flow-proxy")
-	if err != nil {
-		t.Fatalf("go build ./cmd/docker-flow-proxy: %v\n%s", err, out)
-	}
-	return bin
-}
-
 func TestAnsibleLintPassesOnTheRoles(t *testing.T) {
 	lint := tool(t, "ansible-lint")
 	dir := filepath.Join(testenv.ModuleRoot(t), "ansible")

@@ -131,7 +131,7 @@ func TestPipelineScriptDeploysAndScalesBooksMSThroughTheProxy(t *testing.T) {
 	haproxy := testenv.HAProxyBin(t)
 	tool(t, "curl")
 	consul := testenv.StartConsul(t)
-	bin := buildProxy(t)
+	bin := testenv.BuildProxy(t, t.TempDir())
 	root := testenv.ModuleRoot(t)
 
 	suffix := randomHex(t)
