@@ -158,7 +158,7 @@ func NewProcess(opts Options) *Process {
 		bin:              bin,
 		dir:              dir,
 		cfgPath:          filepath.Join(dir, "haproxy.cfg"),
-		sockPath:         filepath.Join(dir, "master.sock"),
+		sockPath:         MasterSocket(dir),
 		log:              logger,
 		reloadTimeout:    timeout,
 		life:             life,
@@ -467,9 +467,18 @@ func (p *Process) Stop(ctx context.Context) error {
 
 // ShowProc returns the master CLI's `show proc`.
 func (p *Process) ShowProc(ctx context.Context) (ProcInfo, error) {
+	return ShowProcAt(ctx, p.sockPath)
+}
+
+// MasterSocket is the path of the master CLI's socket of a Process whose config folder is dir.
+func MasterSocket(dir string) string { return filepath.Join(dir, "master.sock") }
+
+// ShowProcAt asks the master CLI listening at socketPath for `show proc`: the pids of the master,
+// its workers and the old workers still finishing their connections.
+func ShowProcAt(ctx context.Context, socketPath string) (ProcInfo, error) {
 	giveUp := time.Now().Add(dialRetry)
 	for {
-		out, err := query(ctx, p.sockPath, "show proc", dialRetry)
+		out, err := query(ctx, socketPath, "show proc", dialRetry)
 		if err == nil {
 			info, err := ParseShowProc(out)
 			if err != nil {
