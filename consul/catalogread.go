@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/hashicorp/consul/api"
 
@@ -274,14 +275,11 @@ func (c *Client) readCatalog(ctx context.Context) (catalogSnapshot, error) {
 		if err != nil {
 			return catalogSnapshot{}, err
 		}
-		snap := catalogSnapshot{nodes: make(map[string]nodeServices, len(names))}
-		for _, n := range names {
-			ns, _, err := readNodeServices(ctx, n, c.once)
-			if err != nil {
-				return catalogSnapshot{}, err
-			}
-			snap.nodes[n] = ns
+		nodes, err := c.readAllNodeServices(ctx, names)
+		if err != nil {
+			return catalogSnapshot{}, err
 		}
+		snap := catalogSnapshot{nodes: nodes}
 		after, index, err := readChecks(ctx, c.once)
 		if err != nil {
 			return catalogSnapshot{}, err
@@ -292,4 +290,53 @@ func (c *Client) readCatalog(ctx context.Context) (catalogSnapshot, error) {
 		}
 		checks, before = after, index
 	}
+}
+
+// bulkReadWorkers is the number of nodes whose services readAllNodeServices reads at once.
+const bulkReadWorkers = 4
+
+// readAllNodeServices reads the services of every node of names, bulkReadWorkers nodes at a time:
+// the reads overlap Consul's work with the decoding of the answers. The first failure stops the
+// others and is returned.
+func (c *Client) readAllNodeServices(ctx context.Context, names []string) (map[string]nodeServices, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		mu    sync.Mutex
+		out   = make(map[string]nodeServices, len(names))
+		first error
+		wg    sync.WaitGroup
+	)
+	next := make(chan string)
+	for range min(bulkReadWorkers, len(names)) {
+		wg.Go(func() {
+			for n := range next {
+				ns, _, err := readNodeServices(ctx, n, c.once)
+				mu.Lock()
+				if err != nil && first == nil {
+					first = err
+					cancel()
+				}
+				out[n] = ns
+				mu.Unlock()
+			}
+		})
+	}
+feed:
+	for _, n := range names {
+		select {
+		case next <- n:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if first != nil {
+		return nil, first
+	}
+	if len(out) < len(names) {
+		return nil, ctx.Err()
+	}
+	return out, nil
 }
