@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -23,8 +24,8 @@ type Config struct {
 	LatencySizes []int
 	// Samples is the number of reconfigure calls measured per size.
 	Samples int
-	// StartSizes are the numbers of services with which a new replica's start-up is measured
-	// (item 2); memory is measured at the largest.
+	// StartSizes are the numbers of services with which a new replica's start-up and memory are
+	// measured (item 2): the docker-flow-proxy binary, built for the run, in a process of its own.
 	StartSizes []int
 	// Instances is the number of catalog instances of each service.
 	Instances int
@@ -42,7 +43,7 @@ type Config struct {
 	// HAProxy probes every instance every 2 s).
 	SkipCheck bool
 	// StartupWait bounds a replica's start-up (the server's StartupTimeout and the wait until it
-	// serves every sampled route).
+	// serves every route).
 	StartupWait time.Duration
 	// Wrk is the wrk binary; empty means wrk on PATH. When wrk is missing, items 3 use a Go load
 	// generator, unless RequireWrk.
@@ -144,10 +145,11 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 	}
 	sizes := worldSizes(cfg)
 	largest := sizes[len(sizes)-1]
-	largestStart := 0
-	if len(cfg.StartSizes) > 0 {
-		largestStart = slices.Max(cfg.StartSizes)
-	}
+	defer func() {
+		if h.binDir != "" {
+			_ = os.RemoveAll(h.binDir)
+		}
+	}()
 	for _, n := range sizes {
 		if err := ctx.Err(); err != nil {
 			return h.res, err
@@ -158,7 +160,7 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 			h.failRows(n, fmt.Errorf("setting up %d services: %w", n, err))
 			continue
 		}
-		h.measureWorld(ctx, w, n, n == largest, n == largestStart)
+		h.measureWorld(ctx, w, n, n == largest)
 		w.close()
 	}
 	var errs []error
@@ -168,18 +170,14 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 	return h.res, errors.Join(errs...)
 }
 
-func (h *harness) measureWorld(ctx context.Context, w *world, n int, largest, largestStart bool) {
+func (h *harness) measureWorld(ctx context.Context, w *world, n int, largest bool) {
 	cfg := h.cfg
-	startup, served, err := w.startServer(ctx)
 	if slices.Contains(cfg.StartSizes, n) {
-		h.startupRows(n, startup, served, err)
+		h.replicaRows(ctx, w, n)
 	}
-	if err != nil {
+	if err := w.startServer(ctx); err != nil {
 		h.failRows(n, fmt.Errorf("start the server: %w", err))
 		return
-	}
-	if largestStart {
-		h.memoryRows(ctx, w, n)
 	}
 	if slices.Contains(cfg.LatencySizes, n) {
 		h.latencyRows(ctx, w, n, largest)
@@ -251,6 +249,8 @@ type harness struct {
 	progress io.Writer
 	res      Result
 	wrk      string // wrk binary, or "" for the Go load generator
+	bin      string // the docker-flow-proxy binary (item 2), built in binDir
+	binDir   string
 }
 
 func (h *harness) say(format string, args ...any) {

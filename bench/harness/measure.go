@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"runtime"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -20,55 +19,6 @@ import (
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
 )
-
-// Item 2: start-up of a new replica.
-
-// startupRows: the server's Start returned (KV and catalog read, config rendered, HAProxy started),
-// and every sampled route answered 200 by its backend through HAProxy.
-func (h *harness) startupRows(n int, returned, served time.Duration, err error) {
-	target, met := "", ""
-	if n == 10000 {
-		target = "< 5 s"
-		if err == nil {
-			met = verdict(served < 5*time.Second)
-		}
-	}
-	if returned > 0 {
-		h.add(Row{Item: 2, Measure: "start-up: server.Start returned", Services: n, Value: fmtMS(returned), Num: ms(returned)})
-	} else {
-		h.add(Row{Item: 2, Measure: "start-up: server.Start returned", Services: n, Err: err})
-	}
-	h.add(Row{Item: 2, Measure: "start-up: every sampled route served", Services: n, Value: fmtMS(served),
-		Num: ms(served), Target: target, Met: met, Err: err})
-}
-
-// memoryRows: the Go heap of the process (the server runs in it; the harness's own heap before
-// the server started is subtracted) and the resident memory of HAProxy's master and worker.
-func (h *harness) memoryRows(ctx context.Context, w *world, n int) {
-	var m runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&m)
-	mb := func(b uint64) float64 { return float64(b) / (1 << 20) }
-	h.add(Row{Item: 2, Measure: "memory: Go heap in use after GC (server and harness)", Services: n,
-		Value: fmt.Sprintf("%.0f MB", mb(m.HeapInuse)), Num: mb(m.HeapInuse)})
-	h.add(Row{Item: 2, Measure: "memory: Go runtime total from the OS (Sys)", Services: n,
-		Value: fmt.Sprintf("%.0f MB", mb(m.Sys)), Num: mb(m.Sys)})
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	info, err := w.srv.HAProxy().ShowProc(cctx)
-	if err == nil && len(info.Workers) == 0 {
-		err = errors.New("show proc lists no worker")
-	}
-	var master, worker float64
-	if err == nil {
-		master, err = vmRSS(info.MasterPID)
-	}
-	if err == nil {
-		worker, err = vmRSS(info.Workers[0])
-	}
-	h.add(Row{Item: 2, Measure: "memory: HAProxy master RSS", Services: n, Value: fmt.Sprintf("%.0f MB", master), Num: master, Err: err})
-	h.add(Row{Item: 2, Measure: "memory: HAProxy worker RSS", Services: n, Value: fmt.Sprintf("%.0f MB", worker), Num: worker, Err: err})
-}
 
 // vmRSS reads a process's resident memory, in MB, from /proc.
 func vmRSS(pid int) (float64, error) {

@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -183,40 +184,38 @@ func (w *world) register(ctx context.Context, service, id, addr string, port, no
 	return nil
 }
 
-// startServer starts a server on empty folders and measures how long it takes until Start returns
-// and until every sampled route is answered by its backend through HAProxy.
-func (w *world) startServer(ctx context.Context) (returned, served time.Duration, err error) {
+// startServer starts a server in this process on empty folders, for items 1, 3 and 4, and waits
+// until every sampled route is answered by its backend through HAProxy.
+func (w *world) startServer(ctx context.Context) error {
+	var err error
 	w.dir, err = os.MkdirTemp("", "dfp-bench")
 	if err != nil {
-		return 0, 0, fmt.Errorf("config folder: %w", err)
+		return fmt.Errorf("config folder: %w", err)
 	}
 	var hap string
-	var httpPort, httpsPort, apiPort int
+	var ports []int
 	if err := w.h.tbCall(func() {
 		hap = testenv.HAProxyBin(w.h.tb)
-		httpPort, httpsPort, apiPort = testenv.FreePort(w.h.tb), testenv.FreePort(w.h.tb), testenv.FreePort(w.h.tb)
+		ports = testenv.FreePorts(w.h.tb, 3)
 	}); err != nil {
-		return 0, 0, err
+		return err
 	}
-	w.httpPort = httpPort
+	w.httpPort = ports[0]
 	sctx, cancel := context.WithTimeout(ctx, w.h.cfg.StartupWait)
 	defer cancel()
 	t0 := time.Now()
 	w.srv, err = server.Start(sctx, server.Config{
 		ConsulAddresses: []string{w.consul.addr}, InstanceName: instanceName,
-		BindAddress: "127.0.0.1", HTTPPort: httpPort, HTTPSPort: httpsPort, APIPort: apiPort,
+		BindAddress: "127.0.0.1", HTTPPort: ports[0], HTTPSPort: ports[1], APIPort: ports[2],
 		ConfigDir: w.dir, Health: consul.HealthPassing, HAProxyBin: hap,
 		StartupTimeout: w.h.cfg.StartupWait, Logger: w.h.log,
 	})
 	if err != nil {
-		return 0, 0, fmt.Errorf("server start: %w", err)
+		return fmt.Errorf("server start: %w", err)
 	}
-	returned = time.Since(t0)
+	w.h.say("the server of items 1, 3 and 4 started in %s", fmtMS(time.Since(t0)))
 	w.apiURL = "http://" + w.srv.APIAddr()
-	if err := w.waitServed(sctx, sampleServices(w.n, 50)); err != nil {
-		return returned, 0, err
-	}
-	return returned, time.Since(t0), nil
+	return w.waitServed(sctx, w.httpPort, sampleServices(w.n, 50))
 }
 
 // sampleServices are up to k services spread over the n routed, the first and last included.
@@ -232,9 +231,9 @@ func sampleServices(n, k int) []string {
 	return out
 }
 
-// waitServed polls each service's path through the proxy, on new connections, until every one has
-// been answered 200 by the backend.
-func (w *world) waitServed(ctx context.Context, services []string) error {
+// waitServed polls each service's path through the proxy on port, on new connections, until every
+// one has been answered 200 by the backend.
+func (w *world) waitServed(ctx context.Context, port int, services []string) error {
 	left := map[string]bool{}
 	for _, s := range services {
 		left[s] = true
@@ -244,7 +243,7 @@ func (w *world) waitServed(ctx context.Context, services []string) error {
 	var last string // why the last route not served yet was not
 	for rounds := 1; len(left) > 0; rounds++ {
 		for s := range left {
-			ok, err := w.fromBackend(ctx, c, w.proxyURL(s))
+			ok, err := w.fromBackend(ctx, c, proxyURL(port, s))
 			if ok {
 				delete(left, s)
 				continue
@@ -265,9 +264,91 @@ func (w *world) waitServed(ctx context.Context, services []string) error {
 	return nil
 }
 
-func (w *world) proxyURL(service string) string {
-	return "http://127.0.0.1:" + strconv.Itoa(w.httpPort) + servicePath(service) + "x"
+// serveAll requests every route's path through the proxy on port until each one has been
+// answered 200 by the backend. sweepWorkers connections each take a share of the routes and
+// pipeline their requests, sweepDepth at a time (HTTP/1.1: HAProxy answers them in order), so that
+// the client costs the two cores little beside HAProxy and the backends; a route not answered 200
+// is asked again, on a new connection, every 20 ms until ctx ends.
+func (w *world) serveAll(ctx context.Context, port int) error {
+	t0 := time.Now()
+	per := (w.n + sweepWorkers - 1) / sweepWorkers
+	err := parallel(ctx, sweepWorkers, sweepWorkers, func(ctx context.Context, k int) error {
+		var left []string
+		for i := k * per; i < min((k+1)*per, w.n); i++ {
+			left = append(left, serviceName(i))
+		}
+		for {
+			var err error
+			left, err = pipelined(ctx, port, left)
+			if len(left) == 0 {
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("%d routes not served, %s the first (%v)", len(left), left[0], err)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	})
+	if err == nil {
+		w.h.say("all %d routes requested and served in %s", w.n, fmtMS(time.Since(t0)))
+	}
+	return err
 }
+
+// pipelined requests each service's path on one keep-alive connection to the proxy on port,
+// sweepDepth requests at a time, and returns the services not answered 200 by a backend (those
+// after a broken connection included) and why the first of them was not.
+func pipelined(ctx context.Context, port int, services []string) (left []string, why error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	if err != nil {
+		return services, err
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	br, bw := bufio.NewReader(conn), bufio.NewWriter(conn)
+	for len(services) > 0 {
+		batch := services[:min(sweepDepth, len(services))]
+		for _, s := range batch {
+			fmt.Fprintf(bw, "GET %sx HTTP/1.1\r\nHost: bench\r\n\r\n", servicePath(s))
+		}
+		if err := bw.Flush(); err != nil {
+			return append(left, services...), err
+		}
+		for j, s := range batch {
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil {
+				return append(left, services[j:]...), err
+			}
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if err != nil {
+				return append(left, services[j:]...), err
+			}
+			if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Bench-Backend") == "" {
+				if why == nil {
+					why = fmt.Errorf("GET %s: %s", servicePath(s), resp.Status)
+				}
+				left = append(left, s)
+			}
+			if resp.Close {
+				return append(left, services[j+1:]...), why
+			}
+		}
+		services = services[len(batch):]
+	}
+	return left, why
+}
+
+// proxyURL is a URL of service's path through the proxy listening on port.
+func proxyURL(port int, service string) string {
+	return "http://127.0.0.1:" + strconv.Itoa(port) + servicePath(service) + "x"
+}
+
+// proxyURL is a URL of service's path through the world's server.
+func (w *world) proxyURL(service string) string { return proxyURL(w.httpPort, service) }
 
 // fromBackend reports whether a GET of url is answered 200 by a backend of this world.
 func (w *world) fromBackend(ctx context.Context, c *http.Client, url string) (bool, error) {

@@ -32,7 +32,7 @@ func run() int {
 	smoke := flag.Bool("smoke", false, "tiny sizes: 10 services, 2 s of load (other flags still apply)")
 	sizes := flag.String("sizes", ints(d.LatencySizes), "item 1: services routed when reconfigure latency is measured")
 	samples := flag.Int("samples", d.Samples, "item 1: reconfigure calls measured per size")
-	startSizes := flag.String("start-sizes", ints(d.StartSizes), "item 2: services with which a new replica starts (memory at the largest)")
+	startSizes := flag.String("start-sizes", ints(d.StartSizes), "item 2: services with which a new replica starts (its start-up and memory)")
 	instances := flag.Int("instances", d.Instances, "catalog instances of each service")
 	loadAt := flag.Int("load-at", d.LoadAt, "items 3 and 4: services routed meanwhile")
 	rpsDuration := flag.Duration("rps-duration", d.RPSDuration, "item 3: length of each throughput run")
