@@ -137,12 +137,8 @@ func (r *replica) unchanged(ctx context.Context) error {
 
 // startReplica starts the binary's server on free ports of 127.0.0.1 and empty folders.
 func (w *world) startReplica(bin string) (*replica, error) {
-	var hap string
-	var ports []int
-	if err := w.h.tbCall(func() {
-		hap = testenv.HAProxyBin(w.h.tb)
-		ports = testenv.FreePorts(w.h.tb, 3)
-	}); err != nil {
+	hap, ports, err := w.h.serverParts()
+	if err != nil {
 		return nil, err
 	}
 	dir, err := os.MkdirTemp("", "dfp-bench-replica")

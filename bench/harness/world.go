@@ -192,12 +192,8 @@ func (w *world) startServer(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("config folder: %w", err)
 	}
-	var hap string
-	var ports []int
-	if err := w.h.tbCall(func() {
-		hap = testenv.HAProxyBin(w.h.tb)
-		ports = testenv.FreePorts(w.h.tb, 3)
-	}); err != nil {
+	hap, ports, err := w.h.serverParts()
+	if err != nil {
 		return err
 	}
 	w.httpPort = ports[0]
@@ -216,6 +212,15 @@ func (w *world) startServer(ctx context.Context) error {
 	w.h.say("the server of items 1, 3 and 4 started in %s", fmtMS(time.Since(t0)))
 	w.apiURL = "http://" + w.srv.APIAddr()
 	return w.waitServed(sctx, w.httpPort, sampleServices(w.n, 50))
+}
+
+// serverParts finds HAProxy and three free ports (HTTP, HTTPS, API) for a server.
+func (h *harness) serverParts() (hap string, ports []int, err error) {
+	err = h.tbCall(func() {
+		hap = testenv.HAProxyBin(h.tb)
+		ports = testenv.FreePorts(h.tb, 3)
+	})
+	return hap, ports, err
 }
 
 // sampleServices are up to k services spread over the n routed, the first and last included.
