@@ -251,7 +251,7 @@ func (h *harness) replicaMemoryRows(ctx context.Context, r *replica, n int) {
 	mbRow("memory: HAProxy worker RSS", worker, err)
 }
 
-// metric reads one unlabelled figure of the replica's GET /metrics.
+// metric reads one figure of the replica's GET /metrics: the line of name (with its labels, if any).
 func (r *replica) metric(ctx context.Context, name string) (float64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
