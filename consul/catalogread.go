@@ -65,10 +65,15 @@ func sortChecks(cs []checkState) {
 	})
 }
 
-// catalogSnapshot is the catalog as read: the services of every node, and every check.
+// catalogSnapshot is the catalog as read: the services of every node, and every check; and the
+// index of each read, from which a watch that starts from the snapshot blocks.
 type catalogSnapshot struct {
 	nodes  map[string]nodeServices
 	checks []checkState
+
+	nodesIndex  uint64            // of the node list
+	nodeIndex   map[string]uint64 // of the services of each node
+	checksIndex uint64
 }
 
 // entries rebuilds, for each service of want, the answer of /v1/health/service/<name> (without the
@@ -238,6 +243,41 @@ const bulkReadAttempts = 3
 // services: the node list, the services of each node, and every check. The result has an entry,
 // possibly empty, for every valid name of services; invalid names are an error.
 func (c *Client) InstancesOf(ctx context.Context, services []string, filter HealthFilter) (map[string][]route.Instance, error) {
+	if _, err := ParseHealthFilter(string(filter)); err != nil {
+		return nil, err
+	}
+	for _, s := range services {
+		if err := checkServiceName(s); err != nil {
+			return nil, err
+		}
+	}
+	r, err := c.ReadCatalog(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return r.Instances(services, filter)
+}
+
+// CatalogRead is one read of the whole catalog, as InstancesOf makes it. The instances of any
+// service can be computed from it, and a Watcher can start from it (SeedCatalog) rather than read
+// the whole catalog again.
+type CatalogRead struct {
+	c    *Client
+	snap catalogSnapshot
+}
+
+// ReadCatalog reads the whole catalog with a number of requests that does not depend on the
+// number of services (see InstancesOf).
+func (c *Client) ReadCatalog(ctx context.Context) (*CatalogRead, error) {
+	snap, err := c.readCatalog(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &CatalogRead{c: c, snap: snap}, nil
+}
+
+// Instances lists the instances of services in the read, as InstancesOf does.
+func (r *CatalogRead) Instances(services []string, filter HealthFilter) (map[string][]route.Instance, error) {
 	f, err := ParseHealthFilter(string(filter))
 	if err != nil {
 		return nil, err
@@ -249,14 +289,10 @@ func (c *Client) InstancesOf(ctx context.Context, services []string, filter Heal
 		}
 		want[s] = true
 	}
-	snap, err := c.readCatalog(ctx)
-	if err != nil {
-		return nil, err
-	}
-	entries := snap.entries(want)
+	entries := r.snap.entries(want)
 	out := make(map[string][]route.Instance, len(want))
 	for s := range want {
-		out[s] = c.instancesFrom(s, f, entries[s])
+		out[s] = r.c.instancesFrom(s, f, entries[s])
 	}
 	return out, nil
 }
@@ -271,20 +307,20 @@ func (c *Client) readCatalog(ctx context.Context) (catalogSnapshot, error) {
 		return catalogSnapshot{}, err
 	}
 	for attempt := 1; ; attempt++ {
-		names, _, err := c.readNodes(ctx, c.once)
+		names, nodesIndex, err := c.readNodes(ctx, c.once)
 		if err != nil {
 			return catalogSnapshot{}, err
 		}
-		nodes, err := c.readAllNodeServices(ctx, names)
+		nodes, indexes, err := c.readAllNodeServices(ctx, names)
 		if err != nil {
 			return catalogSnapshot{}, err
 		}
-		snap := catalogSnapshot{nodes: nodes}
+		snap := catalogSnapshot{nodes: nodes, nodesIndex: nodesIndex, nodeIndex: indexes}
 		after, index, err := readChecks(ctx, c.once)
 		if err != nil {
 			return catalogSnapshot{}, err
 		}
-		snap.checks = after
+		snap.checks, snap.checksIndex = after, index
 		if index == before && slices.Equal(checks, after) || attempt == bulkReadAttempts {
 			return snap, nil
 		}
@@ -295,29 +331,30 @@ func (c *Client) readCatalog(ctx context.Context) (catalogSnapshot, error) {
 // bulkReadWorkers is the number of nodes whose services readAllNodeServices reads at once.
 const bulkReadWorkers = 4
 
-// readAllNodeServices reads the services of every node of names, bulkReadWorkers nodes at a time:
-// the reads overlap Consul's work with the decoding of the answers. The first failure stops the
-// others and is returned.
-func (c *Client) readAllNodeServices(ctx context.Context, names []string) (map[string]nodeServices, error) {
+// readAllNodeServices reads the services of every node of names, bulkReadWorkers nodes at a time
+// (the reads overlap Consul's work with the decoding of the answers), and the index of each read.
+// The first failure stops the others and is returned.
+func (c *Client) readAllNodeServices(ctx context.Context, names []string) (map[string]nodeServices, map[string]uint64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var (
-		mu    sync.Mutex
-		out   = make(map[string]nodeServices, len(names))
-		first error
-		wg    sync.WaitGroup
+		mu      sync.Mutex
+		out     = make(map[string]nodeServices, len(names))
+		indexes = make(map[string]uint64, len(names))
+		first   error
+		wg      sync.WaitGroup
 	)
 	next := make(chan string)
 	for range min(bulkReadWorkers, len(names)) {
 		wg.Go(func() {
 			for n := range next {
-				ns, _, err := readNodeServices(ctx, n, c.once)
+				ns, index, err := readNodeServices(ctx, n, c.once)
 				mu.Lock()
 				if err != nil && first == nil {
 					first = err
 					cancel()
 				}
-				out[n] = ns
+				out[n], indexes[n] = ns, index
 				mu.Unlock()
 			}
 		})
@@ -333,10 +370,10 @@ feed:
 	close(next)
 	wg.Wait()
 	if first != nil {
-		return nil, first
+		return nil, nil, first
 	}
 	if len(out) < len(names) {
-		return nil, ctx.Err()
+		return nil, nil, ctx.Err()
 	}
-	return out, nil
+	return out, indexes, nil
 }

@@ -153,29 +153,48 @@ func (w *Watcher) catalogQuery(index uint64) func(ctx context.Context, call func
 }
 
 // startCatalogLocked starts the watches of the node list and of the checks, and the goroutine
-// that computes the instances. w.mu is held and Run runs.
+// that computes the instances. With a seed (SeedCatalog), the view starts as the seed read the
+// catalog, and every watch, those of the seed's nodes too, blocks from the index of its read in
+// the seed. w.mu is held and Run runs.
 func (w *Watcher) startCatalogLocked() {
 	cw := &w.cat
+	nodes := source[[]string]{
+		fetch: func(ctx context.Context, index uint64) ([]string, uint64, error) {
+			return w.c.readNodes(ctx, w.catalogQuery(index))
+		},
+		same:    slices.Equal[[]string],
+		deliver: w.deliverNodes,
+	}
+	checks := source[[]checkState]{
+		fetch: func(ctx context.Context, index uint64) ([]checkState, uint64, error) {
+			return readChecks(ctx, w.catalogQuery(index))
+		},
+		same:    slices.Equal[[]checkState],
+		deliver: w.deliverChecks,
+	}
+	if seed := w.catalogSeed; seed != nil {
+		w.catalogSeed = nil
+		snap := seed.snap
+		names := slices.Sorted(maps.Keys(snap.nodes))
+		// In the order of the reads: the rules of catalogread.go hold for the seed as for reads.
+		for _, n := range names {
+			w.applyNodeLocked(n, snap.nodes[n], snap.nodeIndex[n])
+		}
+		w.applyChecksLocked(snap.checks, snap.checksIndex)
+		// The seed's checks were read after its services (readCatalog), whatever their index
+		// (each of Consul's tables has its own).
+		cw.needChecks = 0
+		cw.nodesKnown = true
+		for _, n := range names {
+			w.startNodeLocked(n, cw.nodes[n])
+		}
+		nodes.seed, nodes.seedIndex = &names, snap.nodesIndex
+		checks.seed, checks.seedIndex = &snap.checks, snap.checksIndex
+	}
 	cw.nodesW = w.startLocked(updateKey{kind: kindCatalog, service: "nodes"}, "catalog nodes",
-		func(ctx context.Context, wt *watch) {
-			follow(ctx, w, wt, source[[]string]{
-				fetch: func(ctx context.Context, index uint64) ([]string, uint64, error) {
-					return w.c.readNodes(ctx, w.catalogQuery(index))
-				},
-				same:    slices.Equal[[]string],
-				deliver: w.deliverNodes,
-			})
-		})
+		func(ctx context.Context, wt *watch) { follow(ctx, w, wt, nodes) })
 	cw.checksW = w.startLocked(updateKey{kind: kindCatalog, service: "checks"}, "health checks",
-		func(ctx context.Context, wt *watch) {
-			follow(ctx, w, wt, source[[]checkState]{
-				fetch: func(ctx context.Context, index uint64) ([]checkState, uint64, error) {
-					return readChecks(ctx, w.catalogQuery(index))
-				},
-				same:    slices.Equal[[]checkState],
-				deliver: w.deliverChecks,
-			})
-		})
+		func(ctx context.Context, wt *watch) { follow(ctx, w, wt, checks) })
 	runCtx := w.runCtx
 	w.wg.Go(func() { w.computeLoop(runCtx) })
 	cw.signal()
@@ -214,19 +233,7 @@ func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
 		if _, ok := cw.nodes[n]; !ok {
 			cw.nodes[n] = nil
 		}
-		node := n
-		cw.nodeWs[n] = w.startLocked(updateKey{kind: kindCatalog, service: "node " + n}, "node-services "+n,
-			func(ctx context.Context, wt *watch) {
-				follow(ctx, w, wt, source[nodeServices]{
-					fetch: func(ctx context.Context, index uint64) (nodeServices, uint64, error) {
-						return readNodeServices(ctx, node, w.catalogQuery(index))
-					},
-					same: sameNodeServices,
-					deliver: func(wt *watch, ns nodeServices, index uint64, reset bool) {
-						w.deliverNode(wt, node, ns, index, reset)
-					},
-				})
-			})
+		w.startNodeLocked(n, nil)
 	}
 	for n, nw := range cw.nodeWs {
 		if !listed[n] {
@@ -238,6 +245,25 @@ func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
 		}
 	}
 	cw.signal()
+}
+
+// startNodeLocked starts the watch of the services of a node; from a view of them already
+// recorded when seed is set. w.mu is held.
+func (w *Watcher) startNodeLocked(node string, seed *nodeView) {
+	src := source[nodeServices]{
+		fetch: func(ctx context.Context, index uint64) (nodeServices, uint64, error) {
+			return readNodeServices(ctx, node, w.catalogQuery(index))
+		},
+		same: sameNodeServices,
+		deliver: func(wt *watch, ns nodeServices, index uint64, reset bool) {
+			w.deliverNode(wt, node, ns, index, reset)
+		},
+	}
+	if seed != nil {
+		src.seed, src.seedIndex = &seed.nodeServices, seed.index
+	}
+	w.cat.nodeWs[node] = w.startLocked(updateKey{kind: kindCatalog, service: "node " + node}, "node-services "+node,
+		func(ctx context.Context, wt *watch) { follow(ctx, w, wt, src) })
 }
 
 // deliverNode records the services of a node, read by its watch.

@@ -52,14 +52,16 @@ func (s *Store) List(ctx context.Context) ([]route.Route, []error, error) {
 	return t.Routes, t.Invalid, err
 }
 
-// Table reads the whole route table with one KV call: the routes, as List returns them, and the
-// version of every folder.
+// Table reads the whole route table with one KV call: the routes, as List returns them, the
+// version of every folder, and Consul's index of the read.
 func (s *Store) Table(ctx context.Context) (route.KVTable, error) {
-	pairs, err := s.list(ctx, s.prefix+"/")
+	pairs, index, err := s.list(ctx, s.prefix+"/")
 	if err != nil {
 		return route.KVTable{}, fmt.Errorf("consul kv list %s/: %w", s.prefix, err)
 	}
-	return s.tableOf(pairs), nil
+	t := s.tableOf(pairs)
+	t.Index = index
+	return t, nil
 }
 
 // maxTxnOps is the number of operations Consul takes in one transaction.
@@ -97,7 +99,7 @@ func (s *Store) Get(ctx context.Context, service string) (route.Route, bool, err
 	if err := checkServiceName(service); err != nil {
 		return route.Route{}, false, err
 	}
-	pairs, err := s.list(ctx, s.folder(service))
+	pairs, _, err := s.list(ctx, s.folder(service))
 	if err != nil {
 		return route.Route{}, false, fmt.Errorf("consul kv get %s: %w", s.folder(service), err)
 	}
@@ -204,14 +206,24 @@ func putOps(folder string, r route.Route) api.TxnOps {
 	return ops
 }
 
-func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, error) {
-	var pairs api.KVPairs
+// list reads the keys under prefix, and Consul's index of the read.
+func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, uint64, error) {
+	var (
+		pairs api.KVPairs
+		index uint64
+	)
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
-		var err error
-		pairs, _, err = a.KV().List(prefix, (&api.QueryOptions{}).WithContext(ctx))
+		var (
+			meta *api.QueryMeta
+			err  error
+		)
+		pairs, meta, err = a.KV().List(prefix, (&api.QueryOptions{}).WithContext(ctx))
+		if err == nil && meta != nil {
+			index = meta.LastIndex
+		}
 		return err
 	})
-	return pairs, err
+	return pairs, index, err
 }
 
 // rolledBack is a transaction that Consul refused: op is the index of the first failed operation.

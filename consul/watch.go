@@ -114,6 +114,59 @@ type Watcher struct {
 	since   time.Time
 	lastErr error
 	wake    chan struct{}
+
+	// What the watches start from (SeedRoutes, SeedCatalog), taken when Run starts them.
+	routesSeed  *routesSeed
+	catalogSeed *CatalogRead
+}
+
+type routesSeed struct {
+	versions map[string]route.KVVersion
+	index    uint64
+}
+
+// errSeedAfterRun: a watch is seeded once Run has started it.
+var errSeedAfterRun = errors.New("consul watch: seeded after Run")
+
+// SeedRoutes makes the watch of the route table start from the versions of its folders that a
+// read of the whole table saw at Consul's index (route.KVTable's Versions and Index), the read
+// whose table the consumer applied: the watch does not read the table again, and reports it
+// only once it changed after that read. Call it before Run.
+func (w *Watcher) SeedRoutes(versions map[string]route.KVVersion, index uint64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ran {
+		return errSeedAfterRun
+	}
+	if versions == nil {
+		versions = map[string]route.KVVersion{}
+	}
+	w.routesSeed = &routesSeed{versions: maps.Clone(versions), index: index}
+	return nil
+}
+
+// SeedCatalog makes the watch of the catalog start from read, a read of the whole catalog, rather
+// than read it again, and records that the consumer has, for each service of reported, that
+// list of instances: the service is followed (as Services would add it), and reported only once
+// the list computed from the catalog differs from this one. Invalid names are skipped. Call it
+// before Run, and Services after it or not at all: Services reports a service it adds.
+func (w *Watcher) SeedCatalog(read *CatalogRead, reported map[string][]route.Instance) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ran {
+		return errSeedAfterRun
+	}
+	w.catalogSeed = read
+	for name, inst := range reported {
+		if checkServiceName(name) != nil {
+			continue
+		}
+		w.services[name] = true
+		w.cat.dirty[name] = true
+		w.cat.emitted[name] = slices.Clone(inst)
+		delete(w.cat.raw, name)
+	}
+	return nil
 }
 
 // updateKey names what an update is about: one service, the route table, or the outage.
@@ -271,10 +324,14 @@ func (w *Watcher) stopLocked(wt *watch) {
 // content and Consul's new index; same compares two contents; deliver takes a content that
 // differs from the last one delivered, and any content read after a failure or after the index
 // went backwards (reset: its index may be lower than the last one delivered).
+// A seeded source starts from seed, a content read at seedIndex and already delivered (Seed*):
+// its first query blocks from seedIndex.
 type source[T any] struct {
-	fetch   func(ctx context.Context, index uint64) (T, uint64, error)
-	same    func(a, b T) bool
-	deliver func(wt *watch, v T, index uint64, reset bool)
+	fetch     func(ctx context.Context, index uint64) (T, uint64, error)
+	same      func(a, b T) bool
+	deliver   func(wt *watch, v T, index uint64, reset bool)
+	seed      *T
+	seedIndex uint64
 }
 
 // follow runs the blocking queries of one watch until ctx ends, and reports each content that
@@ -294,6 +351,9 @@ func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 		backoff  = w.timing.backoffMin
 		timeouts int // attempts in a row that timed out, after a failure
 	)
+	if src.seed != nil {
+		last, known, index = *src.seed, true, src.seedIndex
+	}
 	for {
 		started := time.Now()
 		fctx, cancel := ctx, context.CancelFunc(func() {})
@@ -411,10 +471,19 @@ func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Clie
 }
 
 // routeSource follows the versions of the route table's folders. It reads only the keys' names and
-// indexes: a folder's keys are parsed by whoever reads the folders that changed.
+// indexes: a folder's keys are parsed by whoever reads the folders that changed. It starts from
+// the seed that SeedRoutes gave, if any.
 func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 	s := w.store
+	var seed *map[string]route.KVVersion
+	var seedIndex uint64
+	if w.routesSeed != nil {
+		seed, seedIndex = &w.routesSeed.versions, w.routesSeed.index
+		w.routesSeed = nil
+	}
 	return source[map[string]route.KVVersion]{
+		seed:      seed,
+		seedIndex: seedIndex,
 		fetch: func(ctx context.Context, index uint64) (map[string]route.KVVersion, uint64, error) {
 			var pairs api.KVPairs
 			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {

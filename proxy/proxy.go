@@ -145,6 +145,8 @@ type Proxy struct {
 	// kv has the version of each folder of KV that the table served stands for: the one this
 	// replica wrote or read last. A watch of KV that sees other versions names the folders to read.
 	kv map[string]route.KVVersion
+	// loadIndex is Consul's index of Load's read of the whole table.
+	loadIndex uint64
 
 	qmu   sync.Mutex
 	queue []*change // changes waiting for the next commit
@@ -196,10 +198,20 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.backends, p.served, p.byConsul, p.kv = backends, nil, nil, t.Versions
+	p.backends, p.served, p.byConsul, p.kv, p.loadIndex = backends, nil, nil, t.Versions, t.Index
 	p.observeTableLocked()
 	p.log.Info("route table loaded from consul", "routes", len(backends))
 	return p.renderLocked(backends), nil
+}
+
+// LoadedKV returns the version of each folder of KV that the table served stands for, and
+// Consul's index of the read of the whole table that Load made (0 before Load). A watch of KV
+// that starts from them (consul.Watcher.SeedRoutes) reports the table only once it changed after
+// that read.
+func (p *Proxy) LoadedKV() (map[string]route.KVVersion, uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return maps.Clone(p.kv), p.loadIndex
 }
 
 // Apply makes HAProxy serve the current route table (after Load, or to re-apply it).

@@ -190,4 +190,7 @@ type KVTable struct {
 	Invalid []error
 	// Versions has every folder read, valid or not; a folder without keys is not in it.
 	Versions map[string]KVVersion
+	// Index is Consul's index of a read of the whole table (the highest of its keys and
+	// deletions): a watch of the table that starts from Versions blocks from it. 0 when unknown.
+	Index uint64
 }

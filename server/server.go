@@ -69,6 +69,7 @@ type Server struct {
 	consul   *consul.Client
 	haproxy  *haproxy.Process
 	proxy    *proxy.Proxy
+	catalog  *catalogFilter
 	api      *http.Server
 	apiAddr  string
 	outage   outage
@@ -137,7 +138,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		settings.CertsDir = cfg.CertsDir
 	}
 	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
-	catalog := catalogFilter{c: cc, filter: cfg.Health}
+	catalog := &catalogFilter{c: cc, filter: cfg.Health}
 	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
 	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
 	p.SetObserver(m)
@@ -148,7 +149,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, cancel: cancel,
+	s := &Server{cfg: cfg, log: cfg.Logger, consul: cc, haproxy: hap, proxy: p, catalog: catalog, cancel: cancel,
 		certs: consul.NewCertStore(cc, cfg.InstanceName), metrics: m}
 
 	loaded := true
@@ -168,6 +169,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if !cfg.NoWatch {
 		w := consul.NewWatcher(cc, consul.NewStore(cc, cfg.InstanceName), cfg.Health, cfg.Logger)
+		if loaded {
+			s.seed(w)
+		}
 		s.wg.Add(2)
 		go func() { defer s.wg.Done(); _ = w.Run(runCtx) }()
 		go func() { defer s.wg.Done(); s.follow(runCtx, w) }()
@@ -176,6 +180,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 			go func() { defer s.wg.Done(); s.followCerts(runCtx) }()
 		}
 	}
+	s.catalog.keepReads(false)
 
 	l, err := net.Listen("tcp", net.JoinHostPort(cfg.BindAddress, strconv.Itoa(cfg.APIPort)))
 	if err != nil {
@@ -202,6 +207,8 @@ func (s *Server) loadWithRetry(ctx context.Context, timeout time.Duration) ([]by
 	defer cancel()
 	delay := 200 * time.Millisecond
 	for {
+		// Only the bulk read of the load that succeeds is kept (see seed).
+		s.catalog.keepReads(true)
 		err := s.writeCertsFromKV(ctx)
 		var cfg []byte
 		if err == nil {
@@ -218,6 +225,21 @@ func (s *Server) loadWithRetry(ctx context.Context, timeout time.Duration) ([]by
 		case <-time.After(delay):
 		}
 		delay = min(delay*2, 5*time.Second)
+	}
+}
+
+// seed makes the watches of Consul start from what the load at start read: the route table's
+// versions and the catalog (when the load read it in bulk), so that a new replica does not read
+// them all again as its watches start. The watches report what changed since those reads.
+func (s *Server) seed(w *consul.Watcher) {
+	versions, index := s.proxy.LoadedKV()
+	if err := w.SeedRoutes(versions, index); err != nil {
+		s.log.Warn("the watch of KV reads the route table again", "error", err)
+	}
+	if read, reported := s.catalog.kept(); read != nil {
+		if err := w.SeedCatalog(read, reported); err != nil {
+			s.log.Warn("the watch of the catalog reads it again", "error", err)
+		}
 	}
 }
 
@@ -287,19 +309,53 @@ func (s *Server) Stop(ctx context.Context) error {
 	return err
 }
 
-// catalogFilter reads instances with the health filter the server was started with.
+// catalogFilter reads instances with the health filter the server was started with. While the
+// server loads the route table at start, it keeps its last bulk read of the catalog and the lists
+// it gave, which the watch of the catalog then starts from (consul.Watcher.SeedCatalog).
 type catalogFilter struct {
 	c      *consul.Client
 	filter consul.HealthFilter
+
+	mu       sync.Mutex
+	keep     bool
+	read     *consul.CatalogRead
+	reported map[string][]route.Instance
 }
 
-func (f catalogFilter) Instances(ctx context.Context, service string) ([]route.Instance, error) {
+func (f *catalogFilter) Instances(ctx context.Context, service string) ([]route.Instance, error) {
 	return f.c.Instances(ctx, service, f.filter)
 }
 
 // InstancesOf reads the instances of many services at once (the controller's bulk read).
-func (f catalogFilter) InstancesOf(ctx context.Context, services []string) (map[string][]route.Instance, error) {
-	return f.c.InstancesOf(ctx, services, f.filter)
+func (f *catalogFilter) InstancesOf(ctx context.Context, services []string) (map[string][]route.Instance, error) {
+	r, err := f.c.ReadCatalog(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out, err := r.Instances(services, f.filter)
+	if err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	if f.keep {
+		f.read, f.reported = r, out
+	}
+	f.mu.Unlock()
+	return out, nil
+}
+
+// keepReads drops the read kept and keeps the next ones (keep), or none (stop keeping).
+func (f *catalogFilter) keepReads(keep bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.keep, f.read, f.reported = keep, nil, nil
+}
+
+// kept returns the bulk read kept, if any, and what it listed.
+func (f *catalogFilter) kept() (*consul.CatalogRead, map[string][]route.Instance) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.read, f.reported
 }
 
 // PutCert validates a certificate (chain and private key, PEM), stores it in KV under

@@ -1,0 +1,195 @@
+package consul
+
+import (
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
+)
+
+// consulFront is a reverse proxy in front of a Consul agent that records the reads sent through
+// it: path and index of each.
+type consulFront struct {
+	addr string // host:port to give the client
+
+	mu    sync.Mutex
+	reads []string // "path index"
+}
+
+func startConsulFront(t *testing.T, agent *testenv.Consul) *consulFront {
+	t.Helper()
+	target, err := url.Parse(agent.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &consulFront{}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.ErrorLog = log.New(io.Discard, "", 0) // the watcher cancels its queries when it stops
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet {
+			f.mu.Lock()
+			f.reads = append(f.reads, r.URL.Path+" "+r.URL.Query().Get("index"))
+			f.mu.Unlock()
+		}
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	f.addr = srv.Listener.Addr().String()
+	return f
+}
+
+// take returns the reads recorded since the last call.
+func (f *consulFront) take() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := f.reads
+	f.reads = nil
+	return out
+}
+
+// seededWorld is a route and a service with one instance, read as a new replica reads them at
+// start, through a recording front.
+type seededWorld struct {
+	agent    *testenv.Consul
+	direct   *Client // to the agent, for the test's own writes
+	front    *consulFront
+	c        *Client // through the front
+	store    *Store  // through the front
+	table    route.KVTable
+	read     *CatalogRead
+	reported map[string][]route.Instance
+}
+
+func newSeededWorld(t *testing.T) *seededWorld {
+	t.Helper()
+	w := &seededWorld{agent: testenv.StartConsul(t)}
+	w.direct, _ = newClient(t, w.agent.Addr)
+	ctx := testContext(t)
+	books := route.Route{ServiceName: "books", ServicePath: []string{"/books"}, PathType: route.PathBeg}
+	if err := NewStore(w.direct, "").Put(ctx, books); err != nil {
+		t.Fatal(err)
+	}
+	w.agent.RegisterService("books", "books-1", "10.0.0.1", 8080)
+	waitInstances(t, w.direct, "books", HealthAny, 1)
+
+	w.front = startConsulFront(t, w.agent)
+	w.c, _ = newClient(t, w.front.addr)
+	w.store = NewStore(w.c, "")
+	var err error
+	if w.table, err = w.store.Table(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if w.table.Index == 0 || len(w.table.Versions) != 1 {
+		t.Fatalf("Table read versions %v at index %d, want books' at a non-zero index", w.table.Versions, w.table.Index)
+	}
+	if w.read, err = w.c.ReadCatalog(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if w.reported, err = w.read.Instances([]string{"books"}, HealthPassing); err != nil {
+		t.Fatal(err)
+	}
+	if want := []route.Instance{inst("10.0.0.1", 8080)}; !reflect.DeepEqual(w.reported["books"], want) {
+		t.Fatalf("the catalog read lists %v for books, want %v", w.reported["books"], want)
+	}
+	w.front.take()
+	return w
+}
+
+func (w *seededWorld) seed(t *testing.T) func(*Watcher) {
+	return func(wt *Watcher) {
+		if err := wt.SeedRoutes(w.table.Versions, w.table.Index); err != nil {
+			t.Error(err)
+		}
+		if err := wt.SeedCatalog(w.read, w.reported); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// A watcher that starts from what a new replica has just read (the route table, the catalog) does
+// not read them again: each of its queries blocks from the index of a read of the seed, and it
+// reports nothing until Consul changes; then it reports the change.
+func TestWatcherSeeded(t *testing.T) {
+	t.Parallel()
+	w := newSeededWorld(t)
+	// A short wait: queries that end without news are sent again, from the same index.
+	r := startWatcher(t, w.c, w.store, HealthPassing, nil, func(wt *Watcher) {
+		wt.timing.wait = 300 * time.Millisecond
+		w.seed(t)(wt)
+	})
+	r.expectNone(t, 1500*time.Millisecond, "nothing changed since the seed's reads")
+	reads := w.front.take()
+	kinds := map[string]bool{}
+	for _, read := range reads {
+		path, index, _ := strings.Cut(read, " ")
+		if strings.HasPrefix(path, "/v1/status/") {
+			continue
+		}
+		if parts := strings.SplitN(path, "/", 5); len(parts) >= 4 {
+			kinds[strings.Join(parts[:4], "/")] = true
+		}
+		if index == "" || index == "0" {
+			t.Errorf("the seeded watcher read %s without an index (the whole of it again)", path)
+		}
+	}
+	for _, k := range []string{"/v1/kv/docker-flow", "/v1/catalog/nodes", "/v1/catalog/node-services", "/v1/health/state"} {
+		if !kinds[k] {
+			t.Errorf("no blocking query on %s; reads: %v", k, reads)
+		}
+	}
+
+	// The changes are reported: an instance, a route written by another replica.
+	w.agent.RegisterService("books", "books-2", "10.0.0.2", 8080)
+	r.waitFor(t, 5*time.Second, "with the new instance", instancesOf("books", inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)))
+	goDemo := route.Route{ServiceName: "go-demo", ServicePath: []string{"/demo"}, PathType: route.PathBeg}
+	if err := NewStore(w.direct, "").Put(testContext(t), goDemo); err != nil {
+		t.Fatal(err)
+	}
+	r.waitFor(t, 5*time.Second, "with the new route", routesNamed("books", "go-demo"))
+}
+
+// What changed between the seed's reads and the watcher's start (a replica starts HAProxy in
+// between) is reported at once; what did not change is not.
+func TestWatcherSeededChangeBeforeRun(t *testing.T) {
+	t.Parallel()
+	w := newSeededWorld(t)
+	w.agent.RegisterService("books", "books-2", "10.0.0.2", 8080)
+	waitInstances(t, w.direct, "books", HealthAny, 2)
+	goDemo := route.Route{ServiceName: "go-demo", ServicePath: []string{"/demo"}, PathType: route.PathBeg}
+	if err := NewStore(w.direct, "").Put(testContext(t), goDemo); err != nil {
+		t.Fatal(err)
+	}
+	r := startWatcher(t, w.c, w.store, HealthPassing, nil, w.seed(t))
+	r.waitAll(t, 5*time.Second, map[string]func(Update) bool{
+		"instances": instancesOf("books", inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)),
+		"routes":    routesNamed("books", "go-demo"),
+	})
+	r.expectNone(t, time.Second, "after the changes were reported")
+}
+
+// A seed comes before Run.
+func TestWatcherSeedAfterRun(t *testing.T) {
+	t.Parallel()
+	w := newSeededWorld(t)
+	r := startWatcher(t, w.c, w.store, HealthPassing, []string{"books"}, nil)
+	r.waitAll(t, 5*time.Second, map[string]func(Update) bool{
+		"instances": instancesOf("books", inst("10.0.0.1", 8080)),
+		"routes":    routesNamed("books"),
+	})
+	if err := r.w.SeedRoutes(w.table.Versions, w.table.Index); err == nil {
+		t.Error("SeedRoutes after Run: no error")
+	}
+	if err := r.w.SeedCatalog(w.read, w.reported); err == nil {
+		t.Error("SeedCatalog after Run: no error")
+	}
+}
