@@ -1,15 +1,8 @@
 package consul
 
 import (
-	"io"
-	"log"
-	"net/http"
-	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"reflect"
-	"strings"
-	"sync"
+	"slices"
 	"testing"
 	"time"
 
@@ -17,52 +10,12 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
-// consulFront is a reverse proxy in front of a Consul agent that records the reads sent through
-// it: path and index of each.
-type consulFront struct {
-	addr string // host:port to give the client
-
-	mu    sync.Mutex
-	reads []string // "path index"
-}
-
-func startConsulFront(t *testing.T, agent *testenv.Consul) *consulFront {
-	t.Helper()
-	target, err := url.Parse(agent.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := &consulFront{}
-	rp := httputil.NewSingleHostReverseProxy(target)
-	rp.ErrorLog = log.New(io.Discard, "", 0) // the watcher cancels its queries when it stops
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet {
-			f.mu.Lock()
-			f.reads = append(f.reads, r.URL.Path+" "+r.URL.Query().Get("index"))
-			f.mu.Unlock()
-		}
-		rp.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	f.addr = srv.Listener.Addr().String()
-	return f
-}
-
-// take returns the reads recorded since the last call.
-func (f *consulFront) take() []string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	out := f.reads
-	f.reads = nil
-	return out
-}
-
 // seededWorld is a route and a service with one instance, read as a new replica reads them at
 // start, through a recording front.
 type seededWorld struct {
 	agent    *testenv.Consul
 	direct   *Client // to the agent, for the test's own writes
-	front    *consulFront
+	front    *testenv.ConsulFront
 	c        *Client // through the front
 	store    *Store  // through the front
 	table    route.KVTable
@@ -82,8 +35,8 @@ func newSeededWorld(t *testing.T) *seededWorld {
 	w.agent.RegisterService("books", "books-1", "10.0.0.1", 8080)
 	waitInstances(t, w.direct, "books", HealthAny, 1)
 
-	w.front = startConsulFront(t, w.agent)
-	w.c, _ = newClient(t, w.front.addr)
+	w.front = testenv.StartConsulFront(t, w.agent)
+	w.c, _ = newClient(t, w.front.Addr)
 	w.store = NewStore(w.c, "")
 	var err error
 	if w.table, err = w.store.Table(ctx); err != nil {
@@ -101,7 +54,7 @@ func newSeededWorld(t *testing.T) *seededWorld {
 	if want := []route.Instance{inst("10.0.0.1", 8080)}; !reflect.DeepEqual(w.reported["books"], want) {
 		t.Fatalf("the catalog read lists %v for books, want %v", w.reported["books"], want)
 	}
-	w.front.take()
+	w.front.Take()
 	return w
 }
 
@@ -128,23 +81,15 @@ func TestWatcherSeeded(t *testing.T) {
 		w.seed(t)(wt)
 	})
 	r.expectNone(t, 1500*time.Millisecond, "nothing changed since the seed's reads")
-	reads := w.front.take()
-	kinds := map[string]bool{}
+	reads := w.front.Take()
 	for _, read := range reads {
-		path, index, _ := strings.Cut(read, " ")
-		if strings.HasPrefix(path, "/v1/status/") {
-			continue
-		}
-		if parts := strings.SplitN(path, "/", 5); len(parts) >= 4 {
-			kinds[strings.Join(parts[:4], "/")] = true
-		}
-		if index == "" || index == "0" {
-			t.Errorf("the seeded watcher read %s without an index (the whole of it again)", path)
+		if !read.Under("/v1/status/") && !read.Blocking() {
+			t.Errorf("the seeded watcher read %s without an index (the whole of it again)", read)
 		}
 	}
-	for _, k := range []string{"/v1/kv/docker-flow", "/v1/catalog/nodes", "/v1/catalog/node-services", "/v1/health/state"} {
-		if !kinds[k] {
-			t.Errorf("no blocking query on %s; reads: %v", k, reads)
+	for _, path := range []string{"/v1/kv/docker-flow/", "/v1/catalog/nodes", "/v1/catalog/node-services/", "/v1/health/state/any"} {
+		if !slices.ContainsFunc(reads, func(r testenv.ConsulRead) bool { return r.Under(path) && r.Blocking() }) {
+			t.Errorf("no blocking query on %s; reads: %v", path, reads)
 		}
 	}
 

@@ -14,6 +14,9 @@ import (
 	"time"
 )
 
+// ConsulNode is the node name of the agents that tests start.
+const ConsulNode = "test-node"
+
 // Consul is a Consul dev agent started for one test, listening on 127.0.0.1 only.
 type Consul struct {
 	t    testing.TB
@@ -47,7 +50,7 @@ func startConsul(t testing.TB, mode ...string) *Consul {
 	httpPort := ports[0]
 	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
 	c.args = append(append([]string{"agent"}, mode...),
-		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", "test-node", "-log-level", "warn",
+		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", ConsulNode, "-log-level", "warn",
 		"-http-port", strconv.Itoa(httpPort),
 		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
 		"-serf-lan-port", strconv.Itoa(ports[1]),
@@ -85,7 +88,7 @@ func (c *Consul) Start() {
 	for {
 		if leader, err := c.get(ctx, "/v1/status/leader"); err == nil && len(leader) > 4 {
 			// The catalog answers once the node has registered itself.
-			if nodes, err := c.get(ctx, "/v1/catalog/nodes"); err == nil && bytes.Contains(nodes, []byte("test-node")) {
+			if nodes, err := c.get(ctx, "/v1/catalog/nodes"); err == nil && bytes.Contains(nodes, []byte(ConsulNode)) {
 				return
 			}
 		}
