@@ -243,19 +243,31 @@ const bulkReadAttempts = 3
 // services: the node list, the services of each node, and every check. The result has an entry,
 // possibly empty, for every valid name of services; invalid names are an error.
 func (c *Client) InstancesOf(ctx context.Context, services []string, filter HealthFilter) (map[string][]route.Instance, error) {
-	if _, err := ParseHealthFilter(string(filter)); err != nil {
+	f, want, err := wanted(services, filter)
+	if err != nil {
 		return nil, err
-	}
-	for _, s := range services {
-		if err := checkServiceName(s); err != nil {
-			return nil, err
-		}
 	}
 	r, err := c.ReadCatalog(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return r.Instances(services, filter)
+	return r.instances(want, f), nil
+}
+
+// wanted checks a filter and service names, and returns the filter parsed and the set of names.
+func wanted(services []string, filter HealthFilter) (HealthFilter, map[string]bool, error) {
+	f, err := ParseHealthFilter(string(filter))
+	if err != nil {
+		return "", nil, err
+	}
+	want := make(map[string]bool, len(services))
+	for _, s := range services {
+		if err := checkServiceName(s); err != nil {
+			return "", nil, err
+		}
+		want[s] = true
+	}
+	return f, want, nil
 }
 
 // CatalogRead is one read of the whole catalog, as InstancesOf makes it. The instances of any
@@ -278,23 +290,20 @@ func (c *Client) ReadCatalog(ctx context.Context) (*CatalogRead, error) {
 
 // Instances lists the instances of services in the read, as InstancesOf does.
 func (r *CatalogRead) Instances(services []string, filter HealthFilter) (map[string][]route.Instance, error) {
-	f, err := ParseHealthFilter(string(filter))
+	f, want, err := wanted(services, filter)
 	if err != nil {
 		return nil, err
 	}
-	want := make(map[string]bool, len(services))
-	for _, s := range services {
-		if err := checkServiceName(s); err != nil {
-			return nil, err
-		}
-		want[s] = true
-	}
+	return r.instances(want, f), nil
+}
+
+func (r *CatalogRead) instances(want map[string]bool, f HealthFilter) map[string][]route.Instance {
 	entries := r.snap.entries(want)
 	out := make(map[string][]route.Instance, len(want))
 	for s := range want {
 		out[s] = r.c.instancesFrom(s, f, entries[s])
 	}
-	return out, nil
+	return out
 }
 
 // readCatalog reads the whole catalog: the checks, the services of every node, then the checks
