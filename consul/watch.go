@@ -273,8 +273,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 	defer cancel()
 	w.runCtx = runCtx
 	if w.store != nil {
+		src := w.routeSource() // takes the seed, under w.mu
 		w.routes = w.startLocked(updateKey{kind: kindRoutes}, "kv "+w.store.Prefix()+"/",
-			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, w.routeSource()) })
+			func(ctx context.Context, wt *watch) { follow(ctx, w, wt, src) })
 	}
 	w.startCatalogLocked()
 	w.wg.Go(func() { w.send(runCtx) })
@@ -472,7 +473,7 @@ func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Clie
 
 // routeSource follows the versions of the route table's folders. It reads only the keys' names and
 // indexes: a folder's keys are parsed by whoever reads the folders that changed. It starts from
-// the seed that SeedRoutes gave, if any.
+// the seed that SeedRoutes gave, if any. w.mu is held.
 func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 	s := w.store
 	var seed *map[string]route.KVVersion
