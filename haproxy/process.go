@@ -209,8 +209,8 @@ func (p *Process) justValidated(cfg []byte) bool {
 	return ok
 }
 
-// Start validates cfg, writes it to Dir/haproxy.cfg and starts HAProxy, returning once a worker
-// serves (bounded by ctx). From then on HAProxy is supervised: if it exits before Stop it is
+// Start writes cfg to Dir/haproxy.cfg and starts HAProxy on it, returning once a worker serves
+// (bounded by ctx); a config HAProxy refuses is a *ConfigError and is not left on disk. From then on HAProxy is supervised: if it exits before Stop it is
 // restarted with the current haproxy.cfg, with a backoff of 100ms doubling up to 5s.
 func (p *Process) Start(ctx context.Context, cfg []byte) error {
 	if err := acquire(ctx, p.applySem); err != nil {
@@ -232,22 +232,24 @@ func (p *Process) Start(ctx context.Context, cfg []byte) error {
 		return fmt.Errorf("haproxy start: socket path %s contains a comma", p.sockPath)
 	}
 
-	tmp, err := p.writeTemp(cfg)
-	if err != nil {
+	// No HAProxy serves yet, so there is no old config to keep: the master's own parse checks cfg,
+	// and a separate `haproxy -c` first would parse it twice (half a second at 10,000 services).
+	// A master that exits during its start is asked why with `haproxy -c`: a refused config is a
+	// *ConfigError, as a refused reload is, and is not left as haproxy.cfg.
+	if err := p.writeFile(p.cfgPath, cfg); err != nil {
 		return fmt.Errorf("haproxy start: %w", err)
 	}
-	defer os.Remove(tmp) // fails harmlessly once renamed
-	if err := p.validateFile(ctx, tmp); err != nil {
-		return fmt.Errorf("haproxy start: %w", err)
-	}
-	if err := os.Rename(tmp, p.cfgPath); err != nil {
-		return fmt.Errorf("haproxy start: %w", err)
-	}
-
-	ctx, cancel := context.WithTimeout(ctx, p.reloadTimeout)
+	lctx, cancel := context.WithTimeout(ctx, p.reloadTimeout)
 	defer cancel()
-	in, err := p.launch(ctx)
+	in, err := p.launch(lctx)
 	if err != nil {
+		if errors.Is(err, errExited) && ctx.Err() == nil {
+			var cfgErr *ConfigError
+			if verr := p.validateFile(ctx, p.cfgPath); errors.As(verr, &cfgErr) {
+				_ = os.Remove(p.cfgPath)
+				return fmt.Errorf("haproxy start: %w", verr)
+			}
+		}
 		return fmt.Errorf("haproxy start: %w", err)
 	}
 	if !p.markUp(in, cfg, false) {
@@ -660,7 +662,7 @@ func (p *Process) launch(ctx context.Context) (*instance, error) {
 		p.kill(in)
 		if errors.Is(err, errExited) {
 			alerts := in.out.alertsAfterExit()
-			return nil, fmt.Errorf("haproxy exited during start (%v): %s", in.err, strings.Join(alerts, "; "))
+			return nil, fmt.Errorf("%w during start (%v): %s", errExited, in.err, strings.Join(alerts, "; "))
 		}
 		return nil, fmt.Errorf("no worker: %w", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -435,6 +436,12 @@ func TestStartFailsWhenPortTaken(t *testing.T) {
 	var cfgErr *ConfigError
 	if err := p.Start(ctxFor(t, 10*time.Second), []byte("global\n    bogus_keyword\n")); !errors.As(err, &cfgErr) {
 		t.Fatalf("Start(invalid) = %v, want a *ConfigError", err)
+	}
+	if _, err := os.Stat(p.cfgPath); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a config HAProxy refused at start is left as %s (stat: %v)", p.cfgPath, err)
+	}
+	if p.Running() {
+		t.Fatal("Running() = true after a Start on a config HAProxy refused")
 	}
 }
 
