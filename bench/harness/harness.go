@@ -32,9 +32,11 @@ type Config struct {
 	// LoadAt is the number of services routed during the throughput (item 3) and reload-under-load
 	// (item 4) measures; 0 means the smallest size.
 	LoadAt int
-	// RPSDuration is how long each throughput run lasts; Connections is the number of keep-alive
-	// connections of the load generator.
+	// RPSDuration is how long the proxied runs of item 3 last in all, and so do the direct ones;
+	// they alternate in RPSRounds rounds (a proxied run then a direct one, each at least 1 s).
+	// Connections is the number of keep-alive connections of the load generator.
 	RPSDuration time.Duration
+	RPSRounds   int
 	Connections int
 	// ChurnDuration is how long item 4 lasts; ChurnRate the reconfigure calls per second.
 	ChurnDuration time.Duration
@@ -72,6 +74,7 @@ func Defaults() Config {
 		Instances:     3,
 		LoadAt:        1000,
 		RPSDuration:   10 * time.Second,
+		RPSRounds:     5,
 		Connections:   32,
 		ChurnDuration: 30 * time.Second,
 		ChurnRate:     5,
@@ -89,6 +92,7 @@ func Smoke() Config {
 	c.StartSizes = []int{10}
 	c.LoadAt = 10
 	c.RPSDuration = 2 * time.Second
+	c.RPSRounds = 2
 	c.ChurnDuration = 2 * time.Second
 	c.StartupWait = time.Minute
 	return c
@@ -220,6 +224,9 @@ func withDefaults(cfg Config) Config {
 	}
 	if cfg.RPSDuration <= 0 {
 		cfg.RPSDuration = d.RPSDuration
+	}
+	if cfg.RPSRounds <= 0 {
+		cfg.RPSRounds = d.RPSRounds
 	}
 	if cfg.Connections <= 0 {
 		cfg.Connections = d.Connections

@@ -47,10 +47,6 @@ func (h *harness) load(ctx context.Context, url string, d time.Duration) (loadRe
 }
 
 // add sums two runs: requests and failures, and the mean of their rates (runs of equal length).
-func (r loadResult) add(o loadResult) loadResult {
-	return loadResult{rps: (r.rps + o.rps) / 2, total: r.total + o.total, failed: r.failed + o.failed}
-}
-
 var (
 	wrkRPS      = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 	wrkTotal    = regexp.MustCompile(`(\d+) requests in`)

@@ -35,7 +35,8 @@ func run() int {
 	startSizes := flag.String("start-sizes", ints(d.StartSizes), "item 2: services with which a new replica starts (its start-up and memory)")
 	instances := flag.Int("instances", d.Instances, "catalog instances of each service")
 	loadAt := flag.Int("load-at", d.LoadAt, "items 3 and 4: services routed meanwhile")
-	rpsDuration := flag.Duration("rps-duration", d.RPSDuration, "item 3: length of each throughput run")
+	rpsDuration := flag.Duration("rps-duration", d.RPSDuration, "item 3: length of the proxied runs in all (and of the direct ones)")
+	rpsRounds := flag.Int("rps-rounds", d.RPSRounds, "item 3: rounds of a proxied run then a direct one (each at least 1 s); the figures are medians")
 	connections := flag.Int("connections", d.Connections, "item 3: keep-alive connections (item 4 uses a quarter)")
 	churnDuration := flag.Duration("churn-duration", d.ChurnDuration, "item 4: length of the run")
 	churnRate := flag.Int("churn-rate", d.ChurnRate, "item 4: reconfigure calls per second")
@@ -80,6 +81,7 @@ func run() int {
 	pick("load-at", *loadAt, &cfg.LoadAt)
 	pick("connections", *connections, &cfg.Connections)
 	pick("churn-rate", *churnRate, &cfg.ChurnRate)
+	pick("rps-rounds", *rpsRounds, &cfg.RPSRounds)
 	pickD("rps-duration", *rpsDuration, &cfg.RPSDuration)
 	pickD("churn-duration", *churnDuration, &cfg.ChurnDuration)
 	cfg.SkipCheck = !*check
