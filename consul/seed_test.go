@@ -1,6 +1,7 @@
 package consul
 
 import (
+	"fmt"
 	"reflect"
 	"slices"
 	"testing"
@@ -38,6 +39,15 @@ func newSeededWorld(t *testing.T) *seededWorld {
 	w.front = testenv.StartConsulFront(t, w.agent)
 	w.c, _ = newClient(t, w.front.Addr)
 	w.store = NewStore(w.c, "")
+	w.readSeed(t)
+	return w
+}
+
+// readSeed reads the route table and the catalog as a new replica's load does, and forgets the
+// front's record of the reads.
+func (w *seededWorld) readSeed(t *testing.T) {
+	t.Helper()
+	ctx := testContext(t)
 	var err error
 	if w.table, err = w.store.Table(ctx); err != nil {
 		t.Fatal(err)
@@ -55,7 +65,6 @@ func newSeededWorld(t *testing.T) *seededWorld {
 		t.Fatalf("the catalog read lists %v for books, want %v", w.reported["books"], want)
 	}
 	w.front.Take()
-	return w
 }
 
 func (w *seededWorld) seed(t *testing.T) func(*Watcher) {
@@ -120,6 +129,36 @@ func TestWatcherSeededChangeBeforeRun(t *testing.T) {
 		"routes":    routesNamed("books", "go-demo"),
 	})
 	r.expectNone(t, time.Second, "after the changes were reported")
+}
+
+// A Consul that lost its data between the load and the watcher's start (a dev agent restarted)
+// has lower indexes than the seed's reads: a query from the seed's index would wait for the whole
+// wait (5 minutes) before Consul answers. The first query of a seeded watch waits less, and its
+// answer, at a lower index, starts the watch over: what Consul holds now is reported.
+func TestWatcherSeededConsulLostItsData(t *testing.T) {
+	t.Parallel()
+	w := newSeededWorld(t)
+	// Writes before the seed's reads take Consul's index well above what the restarted agent's
+	// few writes reach.
+	for i := range 100 {
+		w.agent.Put(fmt.Sprintf("/v1/kv/elsewhere/%d", i), "x")
+	}
+	w.readSeed(t)
+	w.agent.Stop()
+	w.agent.Start()
+	w.agent.RegisterService("books", "books-3", "10.0.0.3", 8080)
+	goDemo := route.Route{ServiceName: "go-demo", ServicePath: []string{"/demo"}, PathType: route.PathBeg}
+	if err := NewStore(w.direct, "").Put(testContext(t), goDemo); err != nil {
+		t.Fatal(err)
+	}
+	r := startWatcher(t, w.c, w.store, HealthPassing, nil, func(wt *Watcher) {
+		wt.timing.wait, wt.timing.seedWait = time.Minute, time.Second
+		w.seed(t)(wt)
+	})
+	r.waitAll(t, 10*time.Second, map[string]func(Update) bool{
+		"instances": instancesOf("books", inst("10.0.0.3", 8080)),
+		"routes":    routesNamed("go-demo"),
+	})
 }
 
 // A seed comes before Run.

@@ -22,6 +22,11 @@ const (
 	// watchWait is how long one blocking query waits for a change before Consul answers anyway
 	// (Consul's own default; it adds up to 1/16 of it as jitter).
 	watchWait = 5 * time.Minute
+	// watchSeedWait is the wait of a seeded watch's first query. A seed's index above Consul's
+	// (an agent that lost its data between the load and the watch's start, as a dev agent does
+	// when restarted) would hold that query for the whole wait; Consul answers it after this one
+	// with its lower index, and the watch starts over from what Consul holds.
+	watchSeedWait = 30 * time.Second
 	// watchMinDelay separates two queries of one watch when the index did not move forward, so
 	// that an index that stays put or goes backwards never makes a hot loop.
 	watchMinDelay = 50 * time.Millisecond
@@ -68,6 +73,7 @@ type Update struct {
 // watchTiming is the watcher's pace; tests shorten it.
 type watchTiming struct {
 	wait         time.Duration // of a blocking query
+	seedWait     time.Duration // of a seeded watch's first query (see watchSeedWait)
 	minDelay     time.Duration // between two queries of one watch whose index did not move forward
 	backoffMin   time.Duration // after a failure, doubling up to backoffMax
 	backoffMax   time.Duration
@@ -205,6 +211,7 @@ func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logge
 		logger: logger,
 		timing: watchTiming{
 			wait:         watchWait,
+			seedWait:     watchSeedWait,
 			minDelay:     watchMinDelay,
 			backoffMin:   watchBackoffMin,
 			backoffMax:   watchBackoffMax,
@@ -352,12 +359,17 @@ func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 		backoff  = w.timing.backoffMin
 		timeouts int // attempts in a row that timed out, after a failure
 	)
-	if src.seed != nil {
+	seeded := src.seed != nil
+	if seeded {
 		last, known, index = *src.seed, true, src.seedIndex
 	}
 	for {
 		started := time.Now()
 		fctx, cancel := ctx, context.CancelFunc(func() {})
+		if seeded {
+			fctx = context.WithValue(fctx, waitKey{}, w.timing.seedWait)
+			seeded = false
+		}
 		if failed {
 			// Consul may accept the connection and not answer (while it starts): this attempt
 			// gives up early, and the next one comes at once. The limit grows by one retry
@@ -443,6 +455,10 @@ func jitter(d time.Duration) time.Duration {
 	return d
 }
 
+// waitKey, in a query's context, holds the wait of its blocking query when it is not the
+// watcher's usual one (a seeded watch's first query).
+type waitKey struct{}
+
 // query runs one read through the client's failover (Client.do); a blocking query from index when
 // index > 0. Client.do bounds each attempt with the client's request timeout, shorter than the
 // wait of a blocking query: a blocking attempt runs under its own deadline instead (the wait,
@@ -454,9 +470,13 @@ func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Clie
 	err := w.c.do(ctx, func(reqCtx context.Context, a *api.Client) error {
 		q := &api.QueryOptions{}
 		if index > 0 {
-			q.WaitIndex, q.WaitTime = index, w.timing.wait
+			wait := w.timing.wait
+			if d, ok := ctx.Value(waitKey{}).(time.Duration); ok && d > 0 {
+				wait = d
+			}
+			q.WaitIndex, q.WaitTime = index, wait
 			var cancel context.CancelFunc
-			reqCtx, cancel = context.WithTimeout(ctx, w.timing.wait+w.timing.wait/16+w.c.timeout)
+			reqCtx, cancel = context.WithTimeout(ctx, wait+wait/16+w.c.timeout)
 			defer cancel()
 		}
 		meta, err := call(a, q.WithContext(reqCtx))
