@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 
@@ -146,9 +147,9 @@ func (cw *catalogWatch) ready() bool {
 }
 
 // catalogQuery adapts Watcher.query to the readers of catalogread.go.
-func (w *Watcher) catalogQuery(index uint64) func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+func (w *Watcher) catalogQuery(index uint64, wait time.Duration) func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
 	return func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
-		return w.query(ctx, index, call)
+		return w.query(ctx, index, wait, call)
 	}
 }
 
@@ -159,15 +160,15 @@ func (w *Watcher) catalogQuery(index uint64) func(ctx context.Context, call func
 func (w *Watcher) startCatalogLocked() {
 	cw := &w.cat
 	nodes := source[[]string]{
-		fetch: func(ctx context.Context, index uint64) ([]string, uint64, error) {
-			return w.c.readNodes(ctx, w.catalogQuery(index))
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) ([]string, uint64, error) {
+			return w.c.readNodes(ctx, w.catalogQuery(index, wait))
 		},
 		same:    slices.Equal[[]string],
 		deliver: w.deliverNodes,
 	}
 	checks := source[[]checkState]{
-		fetch: func(ctx context.Context, index uint64) ([]checkState, uint64, error) {
-			return readChecks(ctx, w.catalogQuery(index))
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) ([]checkState, uint64, error) {
+			return readChecks(ctx, w.catalogQuery(index, wait))
 		},
 		same:    slices.Equal[[]checkState],
 		deliver: w.deliverChecks,
@@ -251,8 +252,8 @@ func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
 // recorded when seed is set. w.mu is held.
 func (w *Watcher) startNodeLocked(node string, seed *nodeView) {
 	src := source[nodeServices]{
-		fetch: func(ctx context.Context, index uint64) (nodeServices, uint64, error) {
-			return readNodeServices(ctx, node, w.catalogQuery(index))
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) (nodeServices, uint64, error) {
+			return readNodeServices(ctx, node, w.catalogQuery(index, wait))
 		},
 		same: sameNodeServices,
 		deliver: func(wt *watch, ns nodeServices, index uint64, reset bool) {

@@ -328,14 +328,14 @@ func (w *Watcher) stopLocked(wt *watch) {
 	}
 }
 
-// source is what one watch reads: fetch runs one (blocking) query from index and returns the
-// content and Consul's new index; same compares two contents; deliver takes a content that
-// differs from the last one delivered, and any content read after a failure or after the index
-// went backwards (reset: its index may be lower than the last one delivered).
+// source is what one watch reads: fetch runs one (blocking) query from index, for at most wait,
+// and returns the content and Consul's new index; same compares two contents; deliver takes a
+// content that differs from the last one delivered, and any content read after a failure or after
+// the index went backwards (reset: its index may be lower than the last one delivered).
 // A seeded source starts from seed, a content read at seedIndex and already delivered (Seed*):
 // its first query blocks from seedIndex.
 type source[T any] struct {
-	fetch     func(ctx context.Context, index uint64) (T, uint64, error)
+	fetch     func(ctx context.Context, index uint64, wait time.Duration) (T, uint64, error)
 	same      func(a, b T) bool
 	deliver   func(wt *watch, v T, index uint64, reset bool)
 	seed      *T
@@ -366,9 +366,9 @@ func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 	for {
 		started := time.Now()
 		fctx, cancel := ctx, context.CancelFunc(func() {})
+		wait := w.timing.wait
 		if seeded {
-			fctx = context.WithValue(fctx, waitKey{}, w.timing.seedWait)
-			seeded = false
+			wait, seeded = w.timing.seedWait, false
 		}
 		if failed {
 			// Consul may accept the connection and not answer (while it starts): this attempt
@@ -378,7 +378,7 @@ func follow[T any](ctx context.Context, w *Watcher, wt *watch, src source[T]) {
 			limit := min(w.timing.retryTimeout*time.Duration(1+timeouts/8), w.c.timeout)
 			fctx, cancel = context.WithTimeout(ctx, limit)
 		}
-		v, next, err := src.fetch(fctx, index)
+		v, next, err := src.fetch(fctx, index, wait)
 		timedOut := failed && fctx.Err() != nil
 		cancel()
 		if ctx.Err() != nil {
@@ -455,25 +455,17 @@ func jitter(d time.Duration) time.Duration {
 	return d
 }
 
-// waitKey, in a query's context, holds the wait of its blocking query when it is not the
-// watcher's usual one (a seeded watch's first query).
-type waitKey struct{}
-
-// query runs one read through the client's failover (Client.do); a blocking query from index when
-// index > 0. Client.do bounds each attempt with the client's request timeout, shorter than the
-// wait of a blocking query: a blocking attempt runs under its own deadline instead (the wait,
-// Consul's jitter of up to 1/16 of it, and the request timeout), still ended by ctx. A blocking
-// attempt that fails after the request timeout counts as the agent's failure, and the next agent
-// is tried, as for a timeout.
-func (w *Watcher) query(ctx context.Context, index uint64, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
+// query runs one read through the client's failover (Client.do); a blocking query from index, for
+// at most wait, when index > 0. Client.do bounds each attempt with the client's request timeout,
+// shorter than the wait of a blocking query: a blocking attempt runs under its own deadline
+// instead (the wait, Consul's jitter of up to 1/16 of it, and the request timeout), still ended by
+// ctx. A blocking attempt that fails after the request timeout counts as the agent's failure, and
+// the next agent is tried, as for a timeout.
+func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
 	var last uint64
 	err := w.c.do(ctx, func(reqCtx context.Context, a *api.Client) error {
 		q := &api.QueryOptions{}
 		if index > 0 {
-			wait := w.timing.wait
-			if d, ok := ctx.Value(waitKey{}).(time.Duration); ok && d > 0 {
-				wait = d
-			}
 			q.WaitIndex, q.WaitTime = index, wait
 			var cancel context.CancelFunc
 			reqCtx, cancel = context.WithTimeout(ctx, wait+wait/16+w.c.timeout)
@@ -505,9 +497,9 @@ func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 	return source[map[string]route.KVVersion]{
 		seed:      seed,
 		seedIndex: seedIndex,
-		fetch: func(ctx context.Context, index uint64) (map[string]route.KVVersion, uint64, error) {
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) (map[string]route.KVVersion, uint64, error) {
 			var pairs api.KVPairs
-			last, err := w.query(ctx, index, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+			last, err := w.query(ctx, index, wait, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
 				var meta *api.QueryMeta
 				var err error
 				pairs, meta, err = a.KV().List(s.prefix+"/", q)

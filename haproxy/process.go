@@ -210,8 +210,9 @@ func (p *Process) justValidated(cfg []byte) bool {
 }
 
 // Start writes cfg to Dir/haproxy.cfg and starts HAProxy on it, returning once a worker serves
-// (bounded by ctx); a config HAProxy refuses is a *ConfigError and is not left on disk. From then on HAProxy is supervised: if it exits before Stop it is
-// restarted with the current haproxy.cfg, with a backoff of 100ms doubling up to 5s.
+// (bounded by ctx); a config HAProxy refuses is a *ConfigError and is not left on disk. From then
+// on HAProxy is supervised: if it exits before Stop it is restarted with the current haproxy.cfg,
+// with a backoff of 100ms doubling up to 5s.
 func (p *Process) Start(ctx context.Context, cfg []byte) error {
 	if err := acquire(ctx, p.applySem); err != nil {
 		return fmt.Errorf("haproxy start: %w", err)

@@ -46,7 +46,6 @@ func (h *harness) load(ctx context.Context, url string, d time.Duration) (loadRe
 	return goLoad(ctx, url, h.cfg.Connections, d)
 }
 
-// add sums two runs: requests and failures, and the mean of their rates (runs of equal length).
 var (
 	wrkRPS      = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
 	wrkTotal    = regexp.MustCompile(`(\d+) requests in`)
