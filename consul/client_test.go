@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -159,5 +161,61 @@ func TestServerErrorFailsOverAndClientErrorDoesNot(t *testing.T) {
 	_, err := New([]string{denied, agent.Addr}, nil)
 	if err == nil || errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "403") {
 		t.Fatalf("New with an agent answering 403 first: %v, want the 403 as is", err)
+	}
+}
+
+func TestIsLoopback(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"127.0.0.1:8500": true, "http://127.0.0.2:8500": true, "https://localhost:8501": true,
+		"[::1]:8500": true, "http://[::1]:8500": true, "localhost:8500": true,
+		"10.100.199.200:8500": false, "http://consul:8500": false, "https://[2001:db8::1]:8501": false,
+	} {
+		if got := isLoopback(addr); got != want {
+			t.Errorf("isLoopback(%q) = %v, want %v", addr, got, want)
+		}
+	}
+}
+
+// An agent on this host is read without gzip: Consul compresses every answer a client accepts
+// compressed, CPU spent on both sides for nothing over loopback. Consul cannot show which headers
+// a client sent, so a pass-through proxy on 127.0.0.1 in front of the real agent records them.
+func TestLoopbackAgentIsReadUncompressed(t *testing.T) {
+	t.Parallel()
+	agent := testenv.StartConsul(t)
+	ctx := testContext(t)
+	target, err := url.Parse("http://" + agent.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var encodings []string
+	rp := httputil.NewSingleHostReverseProxy(target)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		encodings = append(encodings, r.URL.Path+": "+r.Header.Get("Accept-Encoding"))
+		mu.Unlock()
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+
+	c, _ := newClient(t, srv.URL)
+	s := NewStore(c, "")
+	r := route.Route{ServiceName: "books", ServicePath: []string{"/books"}, PathType: route.PathBeg}
+	if err := s.Put(ctx, r); err != nil {
+		t.Fatalf("Put: %v", err)
+	}
+	tbl, err := s.Table(ctx)
+	if err != nil || len(tbl.Routes) != 1 || !tbl.Routes[0].Equal(r) {
+		t.Fatalf("Table = %+v, %v; want the route put", tbl.Routes, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(encodings) < 3 {
+		t.Fatalf("the proxy saw %d requests, want the ping, the put and the read: %q", len(encodings), encodings)
+	}
+	for _, e := range encodings {
+		if strings.Contains(e, "gzip") {
+			t.Errorf("a request to an agent on 127.0.0.1 accepts gzip: %s", e)
+		}
 	}
 }
