@@ -174,15 +174,18 @@ func (p *Proxy) SetObserver(o Observer) {
 // Load rebuilds the whole route table from KV and the catalog and returns the config that serves it.
 // The caller starts HAProxy with that config. Routes in KV that are not valid are logged and skipped.
 func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
+	t0 := time.Now()
 	t, err := p.store.Table(ctx)
 	if p.consul(OpReadRoutes, err) != nil {
 		return nil, fmt.Errorf("load routes: %w: %w", ErrConsul, err)
 	}
 	routes := p.routesOf(t)
+	t1 := time.Now()
 	known, err := p.instancesOf(ctx, routes)
 	if err != nil {
 		return nil, err
 	}
+	t2 := time.Now()
 	backends := make(map[string]route.Backend, len(routes))
 	for _, r := range routes {
 		be, err := p.backendOf(ctx, r, known)
@@ -200,8 +203,10 @@ func (p *Proxy) Load(ctx context.Context) ([]byte, error) {
 	defer p.mu.Unlock()
 	p.backends, p.served, p.byConsul, p.kv, p.loadIndex = backends, nil, nil, t.Versions, t.Index
 	p.observeTableLocked()
-	p.log.Info("route table loaded from consul", "routes", len(backends))
-	return p.renderLocked(backends), nil
+	cfg := p.renderLocked(backends)
+	p.log.Info("route table loaded from consul", "routes", len(backends), "kv_read", t1.Sub(t0).Round(time.Millisecond),
+		"catalog_read", t2.Sub(t1).Round(time.Millisecond), "rendered", time.Since(t2).Round(time.Millisecond))
+	return cfg, nil
 }
 
 // LoadedKV returns the version of each folder of KV that the table served stands for, and

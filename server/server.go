@@ -115,6 +115,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("config folder: %w", err)
 	}
 	raiseFileLimit(cfg.Logger)
+	cfg.Logger.Info("docker-flow-proxy starting", "instance_name", cfg.InstanceName, "consul", strings.Join(cfg.ConsulAddresses, ","))
 
 	cc, err := consul.New(cfg.ConsulAddresses, cfg.Logger)
 	if err != nil {
