@@ -33,6 +33,8 @@ func run() int {
 	sizes := flag.String("sizes", ints(d.LatencySizes), "item 1: services routed when reconfigure latency is measured")
 	samples := flag.Int("samples", d.Samples, "item 1: reconfigure calls measured per size")
 	startSizes := flag.String("start-sizes", ints(d.StartSizes), "item 2: services with which a new replica starts (its start-up and memory)")
+	startRuns := flag.Int("start-runs", d.StartRuns, "item 2: replicas started one after the other at each size; the figures are medians")
+	replicaLog := flag.String("replica-log", "", "write the log of item 2's replicas, at info level, to this file")
 	instances := flag.Int("instances", d.Instances, "catalog instances of each service")
 	loadAt := flag.Int("load-at", d.LoadAt, "items 3 and 4: services routed meanwhile")
 	rpsDuration := flag.Duration("rps-duration", d.RPSDuration, "item 3: length of the proxied runs in all (and of the direct ones)")
@@ -77,6 +79,7 @@ func run() int {
 		}
 	}
 	pick("samples", *samples, &cfg.Samples)
+	pick("start-runs", *startRuns, &cfg.StartRuns)
 	pick("instances", *instances, &cfg.Instances)
 	pick("load-at", *loadAt, &cfg.LoadAt)
 	pick("connections", *connections, &cfg.Connections)
@@ -103,6 +106,14 @@ func run() int {
 		}
 		defer f.Close()
 		logOut = f
+	}
+	if *replicaLog != "" {
+		f, err := os.Create(*replicaLog)
+		if err != nil {
+			return usage("-replica-log", err)
+		}
+		defer f.Close()
+		cfg.ReplicaLog = f
 	}
 	cfg.Logger = slog.New(slog.NewTextHandler(logOut, &slog.HandlerOptions{Level: level}))
 	cfg.Progress = os.Stderr
