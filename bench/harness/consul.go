@@ -17,6 +17,7 @@ import (
 // agent is the Consul dev agent of one world.
 type agent struct {
 	addr string
+	pid  int
 	stop func()
 }
 
@@ -29,7 +30,7 @@ func (h *harness) startConsul(ctx context.Context, maxConns int) (*agent, error)
 		if err := h.tbCall(func() { c = testenv.StartConsul(h.tb) }); err != nil {
 			return nil, err
 		}
-		return &agent{addr: c.Addr, stop: c.Stop}, nil
+		return &agent{addr: c.Addr, pid: c.PID(), stop: c.Stop}, nil
 	}
 	var bin string
 	var ports [4]int
@@ -64,7 +65,7 @@ func (h *harness) startConsul(ctx context.Context, maxConns int) (*agent, error)
 			<-done
 		}
 	}
-	a := &agent{addr: "127.0.0.1:" + strconv.Itoa(ports[0]), stop: stop}
+	a := &agent{addr: "127.0.0.1:" + strconv.Itoa(ports[0]), pid: cmd.Process.Pid, stop: stop}
 	rctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	for {

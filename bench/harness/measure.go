@@ -2,6 +2,7 @@ package harness
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -39,6 +40,31 @@ func vmRSS(pid int) (float64, error) {
 		}
 	}
 	return 0, fmt.Errorf("rss of %d: no VmRSS line", pid)
+}
+
+// cpuTime is the CPU time (user and system) that process pid has used so far; 0 when it cannot be
+// read.
+func cpuTime(pid int) time.Duration {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0
+	}
+	// The fields after the command name, which is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0
+	}
+	// In clock ticks of 1/100 s (USER_HZ, 100 on Linux whatever the kernel's HZ).
+	return time.Duration(utime+stime) * 10 * time.Millisecond
 }
 
 // Item 1: reconfigure latency.
@@ -153,10 +179,15 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 	var failedP, failedD int64
 	var perr, derr error
 	for i := range rounds {
+		// Consul's CPU time during each run tells a round that shared the cores with its
+		// housekeeping.
+		c0 := cpuTime(w.consul.pid)
 		p, err := h.load(ctx, w.proxyURL(svc), each)
 		perr = errors.Join(perr, err)
+		c1 := cpuTime(w.consul.pid)
 		d, err := h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), each)
 		derr = errors.Join(derr, err)
+		c2 := cpuTime(w.consul.pid)
 		proxied, direct = append(proxied, p.rps), append(direct, d.rps)
 		failedP, failedD = failedP+p.failed, failedD+d.failed
 		r := 0.0
@@ -164,7 +195,8 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 			r = p.rps / d.rps
 		}
 		ratios = append(ratios, r)
-		h.say("item 3, round %d of %d (%d services): %.0f requests/s proxied, %.0f direct (%.2f)", i+1, rounds, n, p.rps, d.rps, r)
+		h.say("item 3, round %d of %d (%d services): %.0f requests/s proxied, %.0f direct (%.2f); Consul's CPU meanwhile: %s, %s",
+			i+1, rounds, n, p.rps, d.rps, r, fmtMS(c1-c0), fmtMS(c2-c1))
 	}
 	tool := "wrk"
 	if h.wrk == "" {

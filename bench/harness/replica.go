@@ -83,8 +83,9 @@ func (h *harness) replicaRows(ctx context.Context, w *world, n int) {
 	}
 	runs := max(1, h.cfg.StartRuns)
 	var firsts, alls []time.Duration
+	var memory []Row
 	for run := 1; run <= runs; run++ {
-		first, all, err := h.replicaRun(ctx, w, n, bin, run == runs)
+		first, all, mem, err := h.replicaRun(ctx, w, n, bin, run == runs)
 		if err != nil {
 			if runs > 1 {
 				err = fmt.Errorf("run %d of %d: %w", run, runs, err)
@@ -93,7 +94,7 @@ func (h *harness) replicaRows(ctx context.Context, w *world, n int) {
 			return
 		}
 		h.say("item 2, run %d of %d at %d services: every route served after %s, the sweep ended after %s", run, runs, n, fmtMS(first), fmtMS(all))
-		firsts, alls = append(firsts, first), append(alls, all)
+		firsts, alls, memory = append(firsts, first), append(alls, all), mem
 	}
 	met := ""
 	if target != "" {
@@ -109,18 +110,21 @@ func (h *harness) replicaRows(ctx context.Context, w *world, n int) {
 	}
 	h.add(row(served, firsts, target, met))
 	h.add(row(swept, alls, "", ""))
+	for _, r := range memory {
+		h.add(r)
+	}
 }
 
 // replicaRun starts one replica and returns when every route was served (first) and when the sweep
-// that checks every route ended (all), both from the replica's start. With memory, the memory rows
-// are added before the replica stops.
-func (h *harness) replicaRun(ctx context.Context, w *world, n int, bin string, memory bool) (first, all time.Duration, err error) {
+// that checks every route ended (all), both from the replica's start. With memory, it also returns
+// the memory rows, taken before the replica stops.
+func (h *harness) replicaRun(ctx context.Context, w *world, n int, bin string, memory bool) (first, all time.Duration, mem []Row, err error) {
 	sctx, cancel := context.WithTimeout(ctx, h.cfg.StartupWait)
 	defer cancel()
 	t0 := time.Now()
 	r, err := w.startReplica(bin)
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	defer func() {
 		if err := r.stop(); err != nil {
@@ -130,7 +134,7 @@ func (h *harness) replicaRun(ctx context.Context, w *world, n int, bin string, m
 	if err := r.watch(sctx, func(ctx context.Context) error {
 		return w.waitServed(ctx, r.httpPort, sampleServices(n, 50))
 	}); err != nil {
-		return 0, 0, err
+		return 0, 0, nil, err
 	}
 	first = time.Since(t0)
 	if err := r.watch(sctx, func(ctx context.Context) error {
@@ -140,12 +144,12 @@ func (h *harness) replicaRun(ctx context.Context, w *world, n int, bin string, m
 		all = time.Since(t0)
 		return r.unchanged(ctx)
 	}); err != nil {
-		return 0, 0, fmt.Errorf("the 50 sampled routes were served after %s, but: %w", fmtMS(first), err)
+		return 0, 0, nil, fmt.Errorf("the 50 sampled routes were served after %s, but: %w", fmtMS(first), err)
 	}
 	if memory {
-		h.replicaMemoryRows(sctx, r, n)
+		mem = h.replicaMemoryRows(sctx, r, n)
 	}
-	return first, all, nil
+	return first, all, mem, nil
 }
 
 // fmtRuns lists durations in seconds with two decimals ("2.21 2.43 2.10 s").
@@ -284,12 +288,13 @@ func (r *replica) stop() error {
 	return nil
 }
 
-// replicaMemoryRows: the resident memory of the server process and its Go heap in use (from its
+// replicaMemoryRows returns the resident memory of the server process and its Go heap in use (from its
 // /metrics), and the resident memory of HAProxy's master and worker (pids from the master CLI's
 // `show proc`).
-func (h *harness) replicaMemoryRows(ctx context.Context, r *replica, n int) {
+func (h *harness) replicaMemoryRows(ctx context.Context, r *replica, n int) []Row {
+	var rows []Row
 	mbRow := func(measure string, v float64, err error) {
-		h.add(Row{Item: 2, Measure: measure, Services: n, Value: fmt.Sprintf("%.0f MB", v), Num: v, Err: err})
+		rows = append(rows, Row{Item: 2, Measure: measure, Services: n, Value: fmt.Sprintf("%.0f MB", v), Num: v, Err: err})
 	}
 	rss, err := vmRSS(r.cmd.Process.Pid)
 	mbRow("memory: server RSS", rss, err)
@@ -308,6 +313,7 @@ func (h *harness) replicaMemoryRows(ctx context.Context, r *replica, n int) {
 	}
 	mbRow("memory: HAProxy master RSS", master, err)
 	mbRow("memory: HAProxy worker RSS", worker, err)
+	return rows
 }
 
 // metric reads one figure of the replica's GET /metrics: the line of name (with its labels, if any).

@@ -62,6 +62,16 @@ func startConsul(t testing.TB, mode ...string) *Consul {
 	return c
 }
 
+// PID is the agent process's id; 0 while it is stopped.
+func (c *Consul) PID() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd == nil || c.cmd.Process == nil {
+		return 0
+	}
+	return c.cmd.Process.Pid
+}
+
 // Start (re)starts the agent on the same ports and waits until it has a leader. A dev agent
 // keeps its data in memory: a restarted dev agent is empty.
 func (c *Consul) Start() {
