@@ -5,7 +5,7 @@
 # Installs what is missing first (scripts/setup.sh; wrk from Debian's package).
 # Usage: scripts/bench.sh [dfp-bench flags]     e.g. scripts/bench.sh -smoke
 #        scripts/bench.sh -sizes 10,100 -start-sizes 1000 -churn-duration 10s
-# Takes some 4 minutes with the default sizes on 2 cores (and 2 with -sizes 10000 -start-sizes 10000
+# Takes some 5 minutes with the default sizes on 2 cores (and 2 to 3 with -sizes 10000 -start-sizes 10000
 # -load-at 10000), once Consul is built; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
