@@ -70,7 +70,7 @@ func New(addresses []string, logger *slog.Logger) (*Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("consul agent %s: %w", a, err)
 		}
-		hc.Transport = serverErrorTransport{base: hc.Transport}
+		hc.Transport = bodySink{base: serverErrorTransport{base: hc.Transport}}
 		cfg.HttpClient = hc
 		ac, err := api.NewClient(cfg)
 		if err != nil {

@@ -311,13 +311,11 @@ func (s *Store) tableOf(pairs api.KVPairs) route.KVTable {
 	return t
 }
 
-// versionsOf is the version of every folder of KV pairs under the prefix, as tableOf gives them.
-func (s *Store) versionsOf(pairs api.KVPairs) map[string]route.KVVersion {
+// versionsOf is the version of every folder of the keys of a listing of the prefix, as tableOf
+// gives them.
+func (s *Store) versionsOf(keys []keyIndex) map[string]route.KVVersion {
 	out := map[string]route.KVVersion{}
-	for _, p := range pairs {
-		if p == nil {
-			continue
-		}
+	for _, p := range keys {
 		if name, _, ok := s.folderKey(p.Key); ok {
 			out[name] = addKey(out[name], p.ModifyIndex)
 		}

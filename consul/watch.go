@@ -1,6 +1,7 @@
 package consul
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -494,21 +495,27 @@ func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 		seed, seedIndex = &w.routesSeed.versions, w.routesSeed.index
 		w.routesSeed = nil
 	}
+	body := &bytes.Buffer{}
 	return source[map[string]route.KVVersion]{
 		seed:      seed,
 		seedIndex: seedIndex,
 		fetch: func(ctx context.Context, index uint64, wait time.Duration) (map[string]route.KVVersion, uint64, error) {
-			var pairs api.KVPairs
+			// The listing's body comes to body (see bodySink), kept from one query to the next.
 			last, err := w.query(ctx, index, wait, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
-				var meta *api.QueryMeta
-				var err error
-				pairs, meta, err = a.KV().List(s.prefix+"/", q)
+				body.Reset() // Consul's 404 (no key under the prefix) leaves it empty
+				_, meta, err := a.KV().List(s.prefix+"/", q.WithContext(withBodySink(q.Context(), body)))
 				return meta, err
 			})
 			if err != nil {
 				return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
 			}
-			return s.versionsOf(pairs), last, nil
+			var keys []keyIndex
+			if body.Len() > 0 {
+				if keys, err = parseKeyIndexes(body.Bytes()); err != nil {
+					return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
+				}
+			}
+			return s.versionsOf(keys), last, nil
 		},
 		same: maps.Equal[map[string]route.KVVersion, map[string]route.KVVersion],
 		deliver: func(wt *watch, vs map[string]route.KVVersion, index uint64, _ bool) {
