@@ -450,6 +450,10 @@ func dotted(domains []string) []string {
 }
 
 func sortedBackends(backends []route.Backend) []route.Backend {
+	byName := func(a, b route.Backend) int { return strings.Compare(a.Route.ServiceName, b.Route.ServiceName) }
+	if slices.IsSortedFunc(backends, byName) {
+		return backends // the controller's order: Render does not change its input
+	}
 	idx := make([]int, len(backends))
 	for i := range idx {
 		idx[i] = i

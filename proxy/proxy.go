@@ -844,9 +844,11 @@ func (p *Proxy) checkPartLocked(next map[string]route.Backend, batch []*change) 
 }
 
 func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
+	// In the order of names, which Render then keeps as it is (sorting the names is cheaper than
+	// sorting the backends: 10,000 of them took some 20 ms a change).
 	list := make([]route.Backend, 0, len(backends))
-	for _, b := range backends {
-		list = append(list, b)
+	for _, name := range slices.Sorted(maps.Keys(backends)) {
+		list = append(list, backends[name])
 	}
 	return haproxy.Render(p.settings, list)
 }
