@@ -3,6 +3,7 @@ package consul
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -16,34 +17,52 @@ import (
 // 10,000 routes that listing is 6 MB of JSON: decoded by the api package into KV pairs it took some
 // 100 ms of CPU per change on two cores, most of it in growing and copying fresh buffers. The
 // watch therefore takes the body of that one request itself (bodySink), into a buffer it keeps
-// from one query to the next, and parseKeyIndexes reads only what it needs.
+// from one query to the next, and parseKVEntries reads only what it needs. A read of the whole
+// table (a new replica's load) does the same, values included.
 
-// keyIndex is one key of a KV listing as the watch of the route table needs it.
+// kvEntry is one key of a KV listing: its name, its value (when asked for) and its ModifyIndex.
+type kvEntry struct {
+	Key         string
+	Value       []byte
+	ModifyIndex uint64
+}
+
+// keyIndex is kvEntry without the value: what encoding/json reads when values are not asked for.
 type keyIndex struct {
 	Key         string
 	ModifyIndex uint64
 }
 
-// parseKeyIndexes reads the keys and ModifyIndexes of a KV listing (the answer to GET
-// /v1/kv/<prefix>?recurse). Consul writes it as an array of flat objects without escapes in its
-// strings: a strict scanner reads that shape, and anything else (an escaped character, a nested
-// value, a field name that differs from Key or ModifyIndex in case only) goes to encoding/json,
-// which gives the same result (FuzzParseKeyIndexes).
-func parseKeyIndexes(b []byte) ([]keyIndex, error) {
-	if out, ok := scanKeyIndexes(b); ok {
+// parseKVEntries reads the keys, ModifyIndexes and, with values, the values of a KV listing (the
+// answer to GET /v1/kv/<prefix>?recurse). Consul writes it as an array of flat objects without
+// escapes in its strings: a strict scanner reads that shape, and anything else (an escaped
+// character, a nested value, a field name that differs from one it reads in case only) goes to
+// encoding/json, which gives the same result (FuzzParseKVEntries).
+func parseKVEntries(b []byte, values bool) ([]kvEntry, error) {
+	if out, ok := scanKVEntries(b, values); ok {
 		return out, nil
 	}
-	var out []keyIndex
-	if err := json.Unmarshal(b, &out); err != nil {
+	var err error
+	var out []kvEntry
+	if values {
+		err = json.Unmarshal(b, &out)
+	} else {
+		var keys []keyIndex
+		err = json.Unmarshal(b, &keys)
+		for _, k := range keys {
+			out = append(out, kvEntry{Key: k.Key, ModifyIndex: k.ModifyIndex})
+		}
+	}
+	if err != nil {
 		return nil, fmt.Errorf("kv listing: %w", err)
 	}
 	return out, nil
 }
 
-// scanKeyIndexes is parseKeyIndexes' strict scanner: ok is false when b is not of the shape it
-// reads (then encoding/json decides).
-func scanKeyIndexes(b []byte) (out []keyIndex, ok bool) {
-	s := kvScanner{b: b}
+// scanKVEntries is parseKVEntries' strict scanner: ok is false when b is not of the shape it reads
+// (then encoding/json decides).
+func scanKVEntries(b []byte, values bool) (out []kvEntry, ok bool) {
+	s := kvScanner{b: b, values: values}
 	s.space()
 	if s.literal("null") {
 		s.space()
@@ -52,7 +71,7 @@ func scanKeyIndexes(b []byte) (out []keyIndex, ok bool) {
 	if !s.byte('[') {
 		return nil, false
 	}
-	out = make([]keyIndex, 0, len(b)/128+1) // Consul writes some 130 bytes per key
+	out = make([]kvEntry, 0, len(b)/128+1) // Consul writes some 130 bytes per key
 	s.space()
 	if s.byte(']') {
 		s.space()
@@ -78,8 +97,9 @@ func scanKeyIndexes(b []byte) (out []keyIndex, ok bool) {
 }
 
 type kvScanner struct {
-	b []byte
-	i int
+	b      []byte
+	i      int
+	values bool // read Value
 }
 
 func (s *kvScanner) space() {
@@ -165,13 +185,14 @@ func (s *kvScanner) digits() int {
 	return s.i - start
 }
 
-// object reads one flat object: its Key (a string) and ModifyIndex (an unsigned integer); other
-// fields must be strings, numbers, true, false or null. Each of the two must be there once.
-func (s *kvScanner) object() (e keyIndex, ok bool) {
+// object reads one flat object: its Key (a string), ModifyIndex (an unsigned integer) and, with
+// values, Value (base64 in a string, or null); other fields must be strings, numbers, true, false
+// or null. Key and ModifyIndex must be there once, Value at most once.
+func (s *kvScanner) object() (e kvEntry, ok bool) {
 	if !s.byte('{') {
 		return e, false
 	}
-	var haveKey, haveIndex bool
+	var haveKey, haveIndex, haveValue bool
 	s.space()
 	if s.byte('}') {
 		return e, false
@@ -204,7 +225,26 @@ func (s *kvScanner) object() (e keyIndex, ok bool) {
 				return e, false
 			}
 			e.ModifyIndex, haveIndex = n, true
-		case strings.EqualFold(string(name), "Key"), strings.EqualFold(string(name), "ModifyIndex"):
+		case s.values && string(name) == "Value":
+			if haveValue {
+				return e, false
+			}
+			haveValue = true
+			if s.literal("null") {
+				break
+			}
+			v, ok := s.str()
+			if !ok {
+				return e, false
+			}
+			e.Value = make([]byte, base64.StdEncoding.DecodedLen(len(v)))
+			n, err := base64.StdEncoding.Decode(e.Value, v)
+			if err != nil {
+				return e, false
+			}
+			e.Value = e.Value[:n]
+		case strings.EqualFold(string(name), "Key"), strings.EqualFold(string(name), "ModifyIndex"),
+			s.values && strings.EqualFold(string(name), "Value"):
 			return e, false // encoding/json matches field names without regard to case
 		default:
 			if !s.skipValue() {

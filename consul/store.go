@@ -1,6 +1,7 @@
 package consul
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -71,7 +72,7 @@ const maxTxnOps = 64
 // per 64 folders, so that a few folders cost a few requests whatever the size of the table. A
 // folder without keys is in none of the results.
 func (s *Store) Folders(ctx context.Context, services []string) (route.KVTable, error) {
-	var pairs api.KVPairs
+	var pairs []kvEntry
 	for chunk := range slices.Chunk(services, maxTxnOps) {
 		ops := make(api.TxnOps, 0, len(chunk))
 		for _, name := range chunk {
@@ -86,7 +87,7 @@ func (s *Store) Folders(ctx context.Context, services []string) (route.KVTable, 
 		}
 		for _, res := range resp.Results {
 			if res != nil && res.KV != nil {
-				pairs = append(pairs, res.KV)
+				pairs = append(pairs, kvEntry{Key: res.KV.Key, Value: res.KV.Value, ModifyIndex: res.KV.ModifyIndex})
 			}
 		}
 	}
@@ -207,23 +208,29 @@ func putOps(folder string, r route.Route) api.TxnOps {
 }
 
 // list reads the keys under prefix, and Consul's index of the read.
-func (s *Store) list(ctx context.Context, prefix string) (api.KVPairs, uint64, error) {
+func (s *Store) list(ctx context.Context, prefix string) ([]kvEntry, uint64, error) {
 	var (
-		pairs api.KVPairs
-		index uint64
+		entries []kvEntry
+		index   uint64
 	)
+	// The listing's body comes to body (see bodySink): at 10,000 routes it is 6 MB of JSON.
+	body := &bytes.Buffer{}
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
-		var (
-			meta *api.QueryMeta
-			err  error
-		)
-		pairs, meta, err = a.KV().List(prefix, (&api.QueryOptions{}).WithContext(ctx))
-		if err == nil && meta != nil {
+		body.Reset() // Consul's 404 (no key under the prefix) leaves it empty
+		_, meta, err := a.KV().List(prefix, (&api.QueryOptions{}).WithContext(withBodySink(ctx, body)))
+		if err != nil {
+			return err
+		}
+		if meta != nil {
 			index = meta.LastIndex
+		}
+		entries = nil
+		if body.Len() > 0 {
+			entries, err = parseKVEntries(body.Bytes(), true)
 		}
 		return err
 	})
-	return pairs, index, err
+	return entries, index, err
 }
 
 // rolledBack is a transaction that Consul refused: op is the index of the first failed operation.
@@ -277,13 +284,10 @@ func (s *Store) folderKey(k string) (service, key string, ok bool) {
 
 // tableOf turns KV pairs under the prefix into the route table: the folders that are valid routes,
 // sorted by name, the errors of the others, and the version of each.
-func (s *Store) tableOf(pairs api.KVPairs) route.KVTable {
+func (s *Store) tableOf(pairs []kvEntry) route.KVTable {
 	folders := map[string]map[string]string{}
 	t := route.KVTable{Versions: map[string]route.KVVersion{}}
 	for _, p := range pairs {
-		if p == nil {
-			continue
-		}
 		name, key, ok := s.folderKey(p.Key)
 		if !ok {
 			continue
@@ -313,7 +317,7 @@ func (s *Store) tableOf(pairs api.KVPairs) route.KVTable {
 
 // versionsOf is the version of every folder of the keys of a listing of the prefix, as tableOf
 // gives them.
-func (s *Store) versionsOf(keys []keyIndex) map[string]route.KVVersion {
+func (s *Store) versionsOf(keys []kvEntry) map[string]route.KVVersion {
 	out := map[string]route.KVVersion{}
 	for _, p := range keys {
 		if name, _, ok := s.folderKey(p.Key); ok {

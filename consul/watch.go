@@ -509,9 +509,9 @@ func (w *Watcher) routeSource() source[map[string]route.KVVersion] {
 			if err != nil {
 				return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
 			}
-			var keys []keyIndex
+			var keys []kvEntry
 			if body.Len() > 0 {
-				if keys, err = parseKeyIndexes(body.Bytes()); err != nil {
+				if keys, err = parseKVEntries(body.Bytes(), false); err != nil {
 					return nil, 0, fmt.Errorf("consul watch kv %s/: %w", s.prefix, err)
 				}
 			}
