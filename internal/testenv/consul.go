@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -46,20 +47,31 @@ func StartConsulServer(t testing.TB) *Consul {
 func startConsul(t testing.TB, mode ...string) *Consul {
 	t.Helper()
 	bin := ConsulBin(t)
-	ports := FreePorts(t, 4)
-	httpPort := ports[0]
-	c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
-	c.args = append(append([]string{"agent"}, mode...),
-		"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", ConsulNode, "-log-level", "warn",
-		"-http-port", strconv.Itoa(httpPort),
-		"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
-		"-serf-lan-port", strconv.Itoa(ports[1]),
-		"-serf-wan-port", strconv.Itoa(ports[2]),
-		"-server-port", strconv.Itoa(ports[3]),
-	)
-	c.Start()
-	t.Cleanup(c.Stop)
-	return c
+	// A free port may be taken by another listener or connection of the machine between
+	// FreePorts and Consul's bind: then the agent exits at once and another set of ports is tried.
+	const attempts = 3
+	for attempt := 1; ; attempt++ {
+		ports := FreePorts(t, 4)
+		httpPort := ports[0]
+		c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
+		c.args = append(append([]string{"agent"}, mode...),
+			"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", ConsulNode, "-log-level", "warn",
+			"-http-port", strconv.Itoa(httpPort),
+			"-dns-port", "-1", "-grpc-port", "-1", "-grpc-tls-port", "-1",
+			"-serf-lan-port", strconv.Itoa(ports[1]),
+			"-serf-wan-port", strconv.Itoa(ports[2]),
+			"-server-port", strconv.Itoa(ports[3]),
+		)
+		err := c.start()
+		if err == nil {
+			t.Cleanup(c.Stop)
+			return c
+		}
+		if attempt == attempts || !strings.Contains(c.Output(), "address already in use") {
+			t.Fatal(err)
+		}
+		t.Logf("consul: a port was taken before the agent bound it; trying other ports (%d of %d)", attempt+1, attempts)
+	}
 }
 
 // PID is the agent process's id; 0 while it is stopped.
@@ -76,10 +88,17 @@ func (c *Consul) PID() int {
 // keeps its data in memory: a restarted dev agent is empty.
 func (c *Consul) Start() {
 	c.t.Helper()
+	if err := c.start(); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// start is Start, returning what went wrong; the agent is stopped then.
+func (c *Consul) start() error {
 	c.mu.Lock()
 	if c.cmd != nil {
 		c.mu.Unlock()
-		return
+		return nil
 	}
 	c.out = &bytes.Buffer{}
 	cmd := exec.Command(c.bin, c.args...)
@@ -88,7 +107,7 @@ func (c *Consul) Start() {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		c.mu.Unlock()
-		c.t.Fatalf("start consul: %v", err)
+		return fmt.Errorf("start consul: %w", err)
 	}
 	c.cmd = cmd
 	c.mu.Unlock()
@@ -99,17 +118,17 @@ func (c *Consul) Start() {
 		if leader, err := c.get(ctx, "/v1/status/leader"); err == nil && len(leader) > 4 {
 			// The catalog answers once the node has registered itself.
 			if nodes, err := c.get(ctx, "/v1/catalog/nodes"); err == nil && bytes.Contains(nodes, []byte(ConsulNode)) {
-				return
+				return nil
 			}
 		}
 		if exited(cmd.Process.Pid) {
 			c.Stop()
-			c.t.Fatalf("consul exited before it was ready; its output:\n%s", c.Output())
+			return fmt.Errorf("consul exited before it was ready; its output:\n%s", c.Output())
 		}
 		select {
 		case <-ctx.Done():
 			c.Stop()
-			c.t.Fatalf("consul did not become ready within 60s; its output:\n%s", c.Output())
+			return fmt.Errorf("consul did not become ready within 60s; its output:\n%s", c.Output())
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
