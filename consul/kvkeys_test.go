@@ -106,21 +106,15 @@ func FuzzParseKVEntries(f *testing.F) {
 	})
 }
 
-func BenchmarkParseKeyIndexes(b *testing.B) {
-	body := consulListing(50000) // 10,000 routes of five keys
-	b.SetBytes(int64(len(body)))
-	for b.Loop() {
-		if _, err := parseKVEntries(body, false); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
+// The watch's scan (keys and indexes) and the load's (values too), of 10,000 routes of five keys.
+func BenchmarkParseKeyIndexes(b *testing.B) { benchmarkParse(b, false) }
+func BenchmarkParseKVEntries(b *testing.B)  { benchmarkParse(b, true) }
 
-func BenchmarkParseKVEntries(b *testing.B) {
+func benchmarkParse(b *testing.B, values bool) {
 	body := consulListing(50000)
 	b.SetBytes(int64(len(body)))
 	for b.Loop() {
-		if _, err := parseKVEntries(body, true); err != nil {
+		if _, err := parseKVEntries(body, values); err != nil {
 			b.Fatal(err)
 		}
 	}
