@@ -63,7 +63,7 @@ func (c *Client) Instances(ctx context.Context, service string, filter HealthFil
 	var entries []*api.ServiceEntry
 	err = c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		var err error
-		entries, _, err = a.Health().Service(service, "", f == HealthPassing, (&api.QueryOptions{}).WithContext(ctx))
+		entries, _, err = a.Health().Service(service, "", f == HealthPassing, fresh(ctx))
 		return err
 	})
 	if err != nil {

@@ -33,7 +33,8 @@ import (
 // one that Consul held: after services were added or changed at index I, the checks are used only
 // once read at an index >= I, or read again; after checks of a node vanished at index I, that
 // node's services are used only once read at an index >= I, or read again. Consul answers reads
-// from the leader (the default consistency mode), so a read sent later sees a state at least as new.
+// from the leader, so a read sent later sees a state at least as new (a read from scratch asks for
+// consistency, see fresh: a leader that has just been elected may not have replayed its log yet).
 
 // serviceState is one service instance of a node, as the catalog lists it.
 type serviceState struct {
@@ -225,7 +226,7 @@ func readChecks(ctx context.Context, q func(ctx context.Context, call func(a *ap
 func (c *Client) once(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
 	var last uint64
 	err := c.do(ctx, func(ctx context.Context, a *api.Client) error {
-		meta, err := call(a, (&api.QueryOptions{}).WithContext(ctx))
+		meta, err := call(a, fresh(ctx))
 		if err == nil && meta != nil {
 			last = meta.LastIndex
 		}

@@ -64,7 +64,7 @@ func (s *CertStore) Get(ctx context.Context, name string) ([]byte, bool, error) 
 	var pair *api.KVPair
 	err = s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		var err error
-		pair, _, err = a.KV().Get(key, (&api.QueryOptions{}).WithContext(ctx))
+		pair, _, err = a.KV().Get(key, fresh(ctx))
 		return err
 	})
 	if err != nil {
@@ -98,7 +98,7 @@ func (s *CertStore) List(ctx context.Context) (map[string][]byte, []string, erro
 	var pairs api.KVPairs
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		var err error
-		pairs, _, err = a.KV().List(s.prefix+"/", (&api.QueryOptions{}).WithContext(ctx))
+		pairs, _, err = a.KV().List(s.prefix+"/", fresh(ctx))
 		return err
 	})
 	if err != nil {
@@ -129,7 +129,11 @@ func (s *CertStore) WaitChange(ctx context.Context, index uint64, wait time.Dura
 	var meta *api.QueryMeta
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		var err error
-		_, meta, err = a.KV().Keys(s.prefix+"/", "", (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(ctx))
+		q := fresh(ctx)
+		if index > 0 {
+			q = (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(ctx)
+		}
+		_, meta, err = a.KV().Keys(s.prefix+"/", "", q)
 		return err
 	})
 	if err != nil {

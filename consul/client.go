@@ -152,6 +152,16 @@ func (c *Client) Ping(ctx context.Context) error {
 	return nil
 }
 
+// fresh is the options of a read that does not block (a read from scratch): it asks Consul for a
+// consistent answer. In the default mode Consul's leader answers from its state as it is, and a
+// server that has just won an election on its restart holds only its last snapshot until it has
+// replayed its log: for that moment it answers no node, no service and no key. A consistent read
+// waits until the leader has replayed its log (a blocking query needs no such care: it waits for
+// an index above the one it holds). It costs a round of the leader's heartbeats to its peers.
+func fresh(ctx context.Context) *api.QueryOptions {
+	return (&api.QueryOptions{RequireConsistent: true}).WithContext(ctx)
+}
+
 // do runs call against the current agent and, while the agent cannot serve it, against the next
 // ones of the list, each time with the per-request timeout. It stays on the first agent that serves
 // the call. An error the agent answers with (4xx, a failed transaction) is returned as is; when no

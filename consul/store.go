@@ -217,7 +217,7 @@ func (s *Store) list(ctx context.Context, prefix string) ([]kvEntry, uint64, err
 	body := &bytes.Buffer{}
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		body.Reset() // Consul's 404 (no key under the prefix) leaves it empty
-		_, meta, err := a.KV().List(prefix, (&api.QueryOptions{}).WithContext(withBodySink(ctx, body)))
+		_, meta, err := a.KV().List(prefix, fresh(withBodySink(ctx, body)))
 		if err != nil {
 			return err
 		}
@@ -246,7 +246,7 @@ func (e *rolledBack) Error() string {
 func (s *Store) txn(ctx context.Context, ops api.TxnOps) (*api.TxnResponse, error) {
 	var out *api.TxnResponse
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
-		ok, resp, _, err := a.Txn().Txn(ops, (&api.QueryOptions{}).WithContext(ctx))
+		ok, resp, _, err := a.Txn().Txn(ops, fresh(ctx)) // consistent for a transaction of reads only
 		if err != nil {
 			return err
 		}

@@ -465,9 +465,9 @@ func jitter(d time.Duration) time.Duration {
 func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
 	var last uint64
 	err := w.c.do(ctx, func(reqCtx context.Context, a *api.Client) error {
-		q := &api.QueryOptions{}
+		q := fresh(reqCtx) // a read from scratch (see fresh)
 		if index > 0 {
-			q.WaitIndex, q.WaitTime = index, wait
+			q = &api.QueryOptions{WaitIndex: index, WaitTime: wait}
 			var cancel context.CancelFunc
 			reqCtx, cancel = context.WithTimeout(ctx, wait+wait/16+w.c.timeout)
 			defer cancel()

@@ -1,13 +1,20 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	capi "github.com/hashicorp/consul/api"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 )
 
 func TestNewInstanceIsServedWithoutAnyCall(t *testing.T) {
@@ -157,4 +164,133 @@ func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
 	if res[1] != 0 {
 		t.Fatalf("%d of %d requests failed during a 20 s Consul outage; first: %v", res[1], res[0], firstErr)
 	}
+}
+
+// newLeaderFront stands between the proxy and a real Consul agent and plays what a Consul server
+// does right after it wins an election on restart: it holds only its last snapshot, and replays its
+// log only once it has committed an entry as leader, but it already answers reads of the default
+// consistency mode, from that state. A real Consul shows this for a few milliseconds, by chance
+// (the watch's or the convergence's first read must land in that window; under load it did, once
+// in a few runs); the front makes the window seconds long, every run. Down, it answers every
+// request 502 and ends those in flight. Not restored, it answers each read that neither blocks
+// (no index) nor asks for consistency with what an empty Consul agent, real too, answers to it, at
+// index 1; blocking and consistent reads and writes reach the real agent, as they would: a blocking
+// query waits for an index above the one it holds, and a consistent read waits until the leader has
+// replayed its log.
+type leaderFront struct {
+	*httptest.Server
+	mu     sync.Mutex
+	mode   string // "up", "down" or "unrestored"
+	cancel context.CancelFunc
+	ctx    context.Context
+}
+
+func newLeaderFront(t *testing.T, real, empty *testenv.Consul) *leaderFront {
+	t.Helper()
+	to := func(c *testenv.Consul) *httputil.ReverseProxy {
+		u, err := url.Parse("http://" + c.Addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return httputil.NewSingleHostReverseProxy(u)
+	}
+	realProxy, emptyProxy := to(real), to(empty)
+	f := &leaderFront{mode: "up"}
+	f.ctx, f.cancel = context.WithCancel(context.Background())
+	f.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		mode, ctx := f.mode, f.ctx
+		f.mu.Unlock()
+		q := r.URL.Query()
+		switch {
+		case mode == "down":
+			http.Error(w, "consul is down", http.StatusBadGateway)
+		case mode == "unrestored" && r.Method == http.MethodGet && !q.Has("index") && !q.Has("consistent") &&
+			r.URL.Path != "/v1/status/leader":
+			rec := httptest.NewRecorder()
+			emptyProxy.ServeHTTP(rec, r)
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.Header().Set("X-Consul-Index", "1")
+			w.WriteHeader(rec.Code)
+			_, _ = w.Write(rec.Body.Bytes())
+		default:
+			// A request in flight ends when the front goes down, as its connection would.
+			realProxy.ServeHTTP(w, r.WithContext(mergeCancel(r.Context(), ctx)))
+		}
+	}))
+	t.Cleanup(f.Close)
+	t.Cleanup(func() { f.cancel() })
+	return f
+}
+
+// mergeCancel is parent, ended also when other ends.
+func mergeCancel(parent, other context.Context) context.Context {
+	ctx, cancel := context.WithCancel(parent)
+	context.AfterFunc(other, cancel)
+	return ctx
+}
+
+func (f *leaderFront) set(mode string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.mode = mode
+	if mode == "down" {
+		f.cancel()
+		f.ctx, f.cancel = context.WithCancel(context.Background())
+	}
+}
+
+// A Consul server that has just come back (an outage, a restart) answers, for a moment, reads of
+// its default consistency mode from a state it has not restored yet: no node, no service, no key.
+// The proxy reads from scratch after an outage, and reads what it converges to: if it took that
+// state, it would drop every instance (503) and every route (404) until the next read. Reads from
+// scratch ask for a consistent answer, which Consul gives only once it is restored.
+func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
+	if testing.Short() {
+		t.Skip("an outage of seconds")
+	}
+	e := newEnv(t)
+	empty := testenv.StartConsul(t)
+	front := newLeaderFront(t, e.consul, empty)
+	e.backend("books-ms", "books-1")
+	p := e.startProxyWith("docker-flow", func(c *Config) {
+		c.ConsulAddresses = []string{strings.TrimPrefix(front.URL, "http://")}
+	})
+	p.reconfigure(t, booksQuery)
+
+	stop := make(chan struct{})
+	done := make(chan [2]int64)
+	var firstErr error
+	go func() {
+		sent, failed, err := load(p.http+"/api/v1/books", stop, 60*time.Second, 2_000_000)
+		firstErr = err
+		done <- [2]int64{sent, failed}
+	}()
+	front.set("down")
+	eventually(t, 10*time.Second, "the health endpoint reports the outage", func() bool {
+		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
+		return code == http.StatusServiceUnavailable
+	})
+	front.set("unrestored")
+	eventually(t, 15*time.Second, "the health endpoint reports Consul back", func() bool {
+		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
+		return code == http.StatusOK
+	})
+	time.Sleep(2 * time.Second) // every watch has read again; the convergence is done
+	front.set("up")
+	time.Sleep(time.Second)
+	close(stop)
+	res := <-done
+	if res[0] == 0 {
+		t.Fatal("no request was sent")
+	}
+	if res[1] != 0 {
+		t.Fatalf("%d of %d requests failed while Consul came back without its state restored; first: %v", res[1], res[0], firstErr)
+	}
+	if got := backendsReached(t, p.http+"/api/v1/books", 3); got["books-1"] != 3 {
+		t.Fatalf("after the outage, reached %v; want books-1 every time", got)
+	}
+	t.Logf("%d requests, none failed", res[0])
 }

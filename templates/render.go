@@ -247,7 +247,8 @@ func fetchOne(ctx context.Context, clients *ctdep.ClientSet, st *fetchState) (da
 			return nil, context.Cause(ctx)
 		}
 		began := time.Now()
-		data, meta, err := st.dep.Fetch(clients, &ctdep.QueryOptions{WaitIndex: index, WaitTime: wait})
+		// A read from scratch is consistent, as the proxy's own reads are (see consul.fresh).
+		data, meta, err := st.dep.Fetch(clients, &ctdep.QueryOptions{WaitIndex: index, WaitTime: wait, RequireConsistent: index == 0})
 		if err != nil {
 			return nil, err
 		}
