@@ -49,7 +49,10 @@ func (s *Server) follow(ctx context.Context, w *consul.Watcher) {
 			s.log.Warn("consul unreachable; serving the last known state", "since", u.Since, "error", u.Err)
 			continue
 		}
-		if err, _ := s.outage.get(); err != nil {
+		// The outage ends when every watch reads Consul again (Recovered), not with the first
+		// state read again: a watch that reads again while others still fail is followed by the
+		// outage's report again.
+		if err, _ := s.outage.get(); err != nil && u.Recovered {
 			s.outage.set(nil, time.Time{})
 			s.log.Info("consul reachable again; converging to its state")
 			// Every route and instance read again at once, rather than each watch in its own time.

@@ -3,10 +3,13 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -176,11 +179,11 @@ func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
 // (no index) nor asks for consistency with what an empty Consul agent, real too, answers to it, at
 // index 1; blocking and consistent reads and writes reach the real agent, as they would: a blocking
 // query waits for an index above the one it holds, and a consistent read waits until the leader has
-// replayed its log.
+// replayed its log. Partial, it is not restored and answers every read of the node list 502.
 type leaderFront struct {
 	*httptest.Server
 	mu     sync.Mutex
-	mode   string // "up", "down" or "unrestored"
+	mode   string // "up", "down", "unrestored", or "partial": unrestored, and the node list down
 	cancel context.CancelFunc
 	ctx    context.Context
 }
@@ -203,9 +206,9 @@ func newLeaderFront(t *testing.T, real, empty *testenv.Consul) *leaderFront {
 		f.mu.Unlock()
 		q := r.URL.Query()
 		switch {
-		case mode == "down":
+		case mode == "down", mode == "partial" && r.URL.Path == "/v1/catalog/nodes":
 			http.Error(w, "consul is down", http.StatusBadGateway)
-		case mode == "unrestored" && r.Method == http.MethodGet && !q.Has("index") && !q.Has("consistent") &&
+		case (mode == "unrestored" || mode == "partial") && r.Method == http.MethodGet && !q.Has("index") && !q.Has("consistent") &&
 			r.URL.Path != "/v1/status/leader":
 			rec := httptest.NewRecorder()
 			emptyProxy.ServeHTTP(rec, r)
@@ -255,8 +258,10 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 	empty := testenv.StartConsul(t)
 	front := newLeaderFront(t, e.consul, empty)
 	e.backend("books-ms", "books-1")
+	logs := &testenv.LogBuffer{}
 	p := e.startProxyWith("docker-flow", func(c *Config) {
 		c.ConsulAddresses = []string{strings.TrimPrefix(front.URL, "http://")}
+		c.Logger = slog.New(slog.NewTextHandler(io.MultiWriter(os.Stderr, logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	})
 	p.reconfigure(t, booksQuery)
 
@@ -273,6 +278,10 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
 		return code == http.StatusServiceUnavailable
 	})
+	// The watches of KV, the checks and the node's services read again; the one of the node list
+	// still fails: the outage goes on.
+	front.set("partial")
+	time.Sleep(1500 * time.Millisecond)
 	front.set("unrestored")
 	eventually(t, 15*time.Second, "the health endpoint reports Consul back", func() bool {
 		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
@@ -291,6 +300,11 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 	}
 	if got := backendsReached(t, p.http+"/api/v1/books", 3); got["books-1"] != 3 {
 		t.Fatalf("after the outage, reached %v; want books-1 every time", got)
+	}
+	// The proxy converged to Consul's state once, when every watch read it again, not as soon as
+	// the first one did and again at the end.
+	if n := strings.Count(logs.String(), "converging to its state"); n != 1 {
+		t.Errorf("the proxy converged %d times after one outage, want once", n)
 	}
 	t.Logf("%d requests, none failed", res[0])
 }
