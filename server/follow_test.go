@@ -93,14 +93,7 @@ func TestScalingUnderLoadLosesNoRequest(t *testing.T) {
 	}
 	p.waitServers(t, 1)
 
-	stop := make(chan struct{})
-	done := make(chan [2]int64)
-	var firstErr error
-	go func() {
-		sent, failed, err := load(p.http+"/api/v1/books", stop, 120*time.Second, 2_000_000)
-		firstErr = err
-		done <- [2]int64{sent, failed}
-	}()
+	stopLoad := loadInBackground(p.http+"/api/v1/books", 120*time.Second, 2_000_000)
 	for round := 0; round < 10; round++ {
 		for i := 2; i <= 5; i++ {
 			port := e.portOf(fmt.Sprintf("books-%d", i))
@@ -112,12 +105,11 @@ func TestScalingUnderLoadLosesNoRequest(t *testing.T) {
 		}
 		p.waitServers(t, 1)
 	}
-	close(stop)
-	res := <-done
-	if res[1] != 0 {
-		t.Fatalf("%d of %d requests failed while scaling 1 to 5 to 1 ten times; first: %v", res[1], res[0], firstErr)
+	sent, failed, firstErr := stopLoad()
+	if failed != 0 {
+		t.Fatalf("%d of %d requests failed while scaling 1 to 5 to 1 ten times; first: %v", failed, sent, firstErr)
 	}
-	t.Logf("%d requests, none failed, while scaling 1 to 5 to 1 ten times", res[0])
+	t.Logf("%d requests, none failed, while scaling 1 to 5 to 1 ten times", sent)
 }
 
 func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
@@ -129,14 +121,7 @@ func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
 	p := e.startProxy("docker-flow")
 	p.reconfigure(t, booksQuery)
 
-	stop := make(chan struct{})
-	done := make(chan [2]int64)
-	var firstErr error
-	go func() {
-		sent, failed, err := load(p.http+"/api/v1/books", stop, 120*time.Second, 5_000_000)
-		firstErr = err
-		done <- [2]int64{sent, failed}
-	}()
+	stopLoad := loadInBackground(p.http+"/api/v1/books", 120*time.Second, 5_000_000)
 	e.consul.Stop()
 	time.Sleep(2 * time.Second)
 	code, body := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
@@ -162,10 +147,9 @@ func TestConsulOutageUnderLoadLosesNoRequest(t *testing.T) {
 	})
 	t.Logf("Consul listed the new instance %s after its registration; the proxy served it %s later",
 		listed.Sub(registered).Round(time.Millisecond), time.Since(listed).Round(time.Millisecond))
-	close(stop)
-	res := <-done
-	if res[1] != 0 {
-		t.Fatalf("%d of %d requests failed during a 20 s Consul outage; first: %v", res[1], res[0], firstErr)
+	sent, failed, firstErr := stopLoad()
+	if failed != 0 {
+		t.Fatalf("%d of %d requests failed during a 20 s Consul outage; first: %v", failed, sent, firstErr)
 	}
 }
 
@@ -265,14 +249,7 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 	})
 	p.reconfigure(t, booksQuery)
 
-	stop := make(chan struct{})
-	done := make(chan [2]int64)
-	var firstErr error
-	go func() {
-		sent, failed, err := load(p.http+"/api/v1/books", stop, 60*time.Second, 2_000_000)
-		firstErr = err
-		done <- [2]int64{sent, failed}
-	}()
+	stopLoad := loadInBackground(p.http+"/api/v1/books", 60*time.Second, 2_000_000)
 	front.set("down")
 	eventually(t, 10*time.Second, "the health endpoint reports the outage", func() bool {
 		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
@@ -290,13 +267,12 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 	time.Sleep(2 * time.Second) // every watch has read again; the convergence is done
 	front.set("up")
 	time.Sleep(time.Second)
-	close(stop)
-	res := <-done
-	if res[0] == 0 {
+	sent, failed, firstErr := stopLoad()
+	if sent == 0 {
 		t.Fatal("no request was sent")
 	}
-	if res[1] != 0 {
-		t.Fatalf("%d of %d requests failed while Consul came back without its state restored; first: %v", res[1], res[0], firstErr)
+	if failed != 0 {
+		t.Fatalf("%d of %d requests failed while Consul came back without its state restored; first: %v", failed, sent, firstErr)
 	}
 	if got := backendsReached(t, p.http+"/api/v1/books", 3); got["books-1"] != 3 {
 		t.Fatalf("after the outage, reached %v; want books-1 every time", got)
@@ -306,5 +282,5 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 	if n := strings.Count(logs.String(), "converging to its state"); n != 1 {
 		t.Errorf("the proxy converged %d times after one outage, want once", n)
 	}
-	t.Logf("%d requests, none failed", res[0])
+	t.Logf("%d requests, none failed", sent)
 }

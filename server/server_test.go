@@ -183,6 +183,25 @@ func reloads(t *testing.T, p *running) int {
 	return info.Reloads
 }
 
+// loadInBackground runs load until the returned function is called, which returns load's result.
+func loadInBackground(url string, maxDuration time.Duration, maxRequests int64) func() (sent, failed int64, firstErr error) {
+	stop := make(chan struct{})
+	type result struct {
+		sent, failed int64
+		err          error
+	}
+	done := make(chan result, 1)
+	go func() {
+		sent, failed, err := load(url, stop, maxDuration, maxRequests)
+		done <- result{sent, failed, err}
+	}()
+	return func() (int64, int64, error) {
+		close(stop)
+		r := <-done
+		return r.sent, r.failed, r.err
+	}
+}
+
 // load sends requests from a few keep-alive clients until stop is closed, at most maxDuration
 // and maxRequests, and returns how many were sent and how many failed.
 func load(url string, stop <-chan struct{}, maxDuration time.Duration, maxRequests int64) (sent, failed int64, firstErr error) {
