@@ -144,8 +144,24 @@ func checkNodeName(name string) error {
 	return nil
 }
 
+// nodeList is the node list: the names, sorted, and the address of each.
+type nodeList struct {
+	names, addresses []string
+}
+
+func sameNodeList(a, b nodeList) bool {
+	return slices.Equal(a.names, b.names) && slices.Equal(a.addresses, b.addresses)
+}
+
 // readNodes reads the node names (sorted; invalid ones are logged and skipped).
 func (c *Client) readNodes(ctx context.Context, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) ([]string, uint64, error) {
+	list, index, err := c.readNodeList(ctx, q)
+	return list.names, index, err
+}
+
+// readNodeList reads the node list (sorted by name; invalid names are logged and skipped; a name
+// listed twice is kept once).
+func (c *Client) readNodeList(ctx context.Context, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) (nodeList, uint64, error) {
 	var nodes []*api.Node
 	last, err := q(ctx, func(a *api.Client, o *api.QueryOptions) (*api.QueryMeta, error) {
 		var meta *api.QueryMeta
@@ -154,9 +170,9 @@ func (c *Client) readNodes(ctx context.Context, q func(ctx context.Context, call
 		return meta, err
 	})
 	if err != nil {
-		return nil, 0, fmt.Errorf("consul catalog nodes: %w", err)
+		return nodeList{}, 0, fmt.Errorf("consul catalog nodes: %w", err)
 	}
-	names := make([]string, 0, len(nodes))
+	valid := make([]*api.Node, 0, len(nodes))
 	for _, n := range nodes {
 		if n == nil {
 			continue
@@ -165,10 +181,15 @@ func (c *Client) readNodes(ctx context.Context, q func(ctx context.Context, call
 			c.logger.Warn("consul: skipping a node", "error", err)
 			continue
 		}
-		names = append(names, n.Node)
+		valid = append(valid, n)
 	}
-	sort.Strings(names)
-	return slices.Compact(names), last, nil
+	slices.SortStableFunc(valid, func(a, b *api.Node) int { return strings.Compare(a.Node, b.Node) })
+	valid = slices.CompactFunc(valid, func(a, b *api.Node) bool { return a.Node == b.Node })
+	list := nodeList{names: make([]string, len(valid)), addresses: make([]string, len(valid))}
+	for i, n := range valid {
+		list.names[i], list.addresses[i] = n.Node, n.Address
+	}
+	return list, last, nil
 }
 
 // readNodeServices reads the services of one node; a node Consul does not know has none.

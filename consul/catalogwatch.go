@@ -1,7 +1,9 @@
 package consul
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"maps"
 	"slices"
 	"sort"
@@ -20,7 +22,13 @@ type catalogWatch struct {
 
 	nodesW  *watch            // on the node list
 	checksW *watch            // on every check
-	nodeWs  map[string]*watch // on the services of each node
+	nodeWs  map[string]*watch // on the services of each node, while they are few
+	// pooled: the nodes are more than the limit of node watches, and one watch (pool) follows the
+	// services of every node (see startPoolLocked); poke makes it read every node again at once.
+	pooled bool
+	pool   *watch
+	poke   context.CancelFunc // ends the pool's blocking query; nil while it does not block
+	poked  bool               // the pool is to read every node again without blocking
 
 	nodesKnown  bool
 	nodes       map[string]*nodeView // the nodes listed; nil until the node's services are read
@@ -159,11 +167,11 @@ func (w *Watcher) catalogQuery(index uint64, wait time.Duration) func(ctx contex
 // the seed. w.mu is held and Run runs.
 func (w *Watcher) startCatalogLocked() {
 	cw := &w.cat
-	nodes := source[[]string]{
-		fetch: func(ctx context.Context, index uint64, wait time.Duration) ([]string, uint64, error) {
-			return w.c.readNodes(ctx, w.catalogQuery(index, wait))
+	nodes := source[nodeList]{
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) (nodeList, uint64, error) {
+			return w.c.readNodeList(ctx, w.catalogQuery(index, wait))
 		},
-		same:    slices.Equal[[]string],
+		same:    sameNodeList,
 		deliver: w.deliverNodes,
 	}
 	checks := source[[]checkState]{
@@ -186,10 +194,27 @@ func (w *Watcher) startCatalogLocked() {
 		// (each of Consul's tables has its own).
 		cw.needChecks = 0
 		cw.nodesKnown = true
-		for _, n := range names {
-			w.startNodeLocked(n, cw.nodes[n])
+		if len(names) > w.nodeWatchLimit {
+			// The pool blocks from the lowest index of the seed's reads: a change made while the
+			// seed read the nodes wakes it at once.
+			var from uint64
+			for i, n := range names {
+				if idx := snap.nodeIndex[n]; i == 0 || idx < from {
+					from = idx
+				}
+			}
+			w.logger.Info("consul watch: more nodes than node watches; one watch follows them all", "nodes", len(names), "node_watch_limit", w.nodeWatchLimit)
+			w.startPoolLocked(snap.nodes, from)
+		} else {
+			for _, n := range names {
+				w.startNodeLocked(n, cw.nodes[n])
+			}
 		}
-		nodes.seed, nodes.seedIndex = &names, snap.nodesIndex
+		list := nodeList{names: names, addresses: make([]string, len(names))}
+		for i, n := range names {
+			list.addresses[i] = snap.nodes[n].address
+		}
+		nodes.seed, nodes.seedIndex = &list, snap.nodesIndex
 		checks.seed, checks.seedIndex = &snap.checks, snap.checksIndex
 	}
 	cw.nodesW = w.startLocked(updateKey{kind: kindCatalog, service: "nodes"}, "catalog nodes",
@@ -214,10 +239,15 @@ func (w *Watcher) stopCatalogLocked() {
 		w.stopLocked(wt)
 		delete(cw.nodeWs, n)
 	}
+	if cw.pool != nil {
+		w.stopLocked(cw.pool)
+	}
+	cw.pool, cw.pooled, cw.poke, cw.poked = nil, false, nil, false
 }
 
-// deliverNodes starts the watches of new nodes and stops those of the nodes gone.
-func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
+// deliverNodes records the node list: it starts following new nodes and stops following those
+// gone. A node's own watch sees its address change; the pool is poked for it.
+func (w *Watcher) deliverNodes(wt *watch, list nodeList, _ uint64, _ bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if wt.stopped {
@@ -225,27 +255,181 @@ func (w *Watcher) deliverNodes(wt *watch, names []string, _ uint64, _ bool) {
 	}
 	cw := &w.cat
 	cw.nodesKnown = true
-	listed := make(map[string]bool, len(names))
-	for _, n := range names {
+	listed := make(map[string]bool, len(list.names))
+	changed := false // nodes were added, or an address changed
+	for i, n := range list.names {
 		listed[n] = true
-		if cw.nodeWs[n] != nil {
-			continue
-		}
-		if _, ok := cw.nodes[n]; !ok {
+		v, ok := cw.nodes[n]
+		if !ok {
 			cw.nodes[n] = nil
 		}
-		w.startNodeLocked(n, nil)
+		changed = changed || !ok || v != nil && v.address != list.addresses[i]
 	}
-	for n, nw := range cw.nodeWs {
+	for n, v := range cw.nodes {
 		if !listed[n] {
-			w.stopLocked(nw)
-			cw.markNode(cw.nodes[n], nil)
-			delete(cw.nodeWs, n)
+			if nw := cw.nodeWs[n]; nw != nil {
+				w.stopLocked(nw)
+				delete(cw.nodeWs, n)
+			}
+			cw.markNode(v, nil)
 			delete(cw.nodes, n)
 			delete(cw.needNodes, n)
 		}
 	}
+	w.arrangeNodeWatchesLocked(changed)
 	cw.signal()
+}
+
+// nodeWatchHysteresis: pooled nodes go back to a watch each once they are at most this fraction
+// of the limit, so that a node count around the limit does not switch at every change.
+const nodeWatchHysteresis = 0.75
+
+// arrangeNodeWatchesLocked follows the services of every node of cw.nodes: with a watch per node
+// while they are at most the limit, else with the pool; changed says that nodes were added or
+// their address changed. A node whose view is kept across a switch is read again by its new
+// watch. w.mu is held.
+func (w *Watcher) arrangeNodeWatchesLocked(changed bool) {
+	cw := &w.cat
+	n := len(cw.nodes)
+	switch {
+	case !cw.pooled && n > w.nodeWatchLimit:
+		for node, nw := range cw.nodeWs {
+			w.stopLocked(nw)
+			delete(cw.nodeWs, node)
+		}
+		w.logger.Info("consul watch: more nodes than node watches; one watch follows them all", "nodes", n, "node_watch_limit", w.nodeWatchLimit)
+		w.startPoolLocked(nil, 0)
+	case cw.pooled && float64(n) <= nodeWatchHysteresis*float64(w.nodeWatchLimit):
+		w.stopLocked(cw.pool)
+		cw.pool, cw.pooled, cw.poke, cw.poked = nil, false, nil, false
+		w.logger.Info("consul watch: few nodes again; a watch per node", "nodes", n, "node_watch_limit", w.nodeWatchLimit)
+		for node := range cw.nodes {
+			w.startNodeLocked(node, nil)
+		}
+	case cw.pooled:
+		if changed {
+			// The pool reads the nodes now, not at the next change of a service.
+			cw.poked = true
+			if cw.poke != nil {
+				cw.poke()
+			}
+		}
+	default:
+		for node := range cw.nodes {
+			if cw.nodeWs[node] == nil {
+				w.startNodeLocked(node, nil)
+			}
+		}
+	}
+}
+
+// poolRead is what the pool read: the services of every node, and the index of each node's read.
+type poolRead struct {
+	nodes   map[string]nodeServices
+	indexes map[string]uint64
+}
+
+func samePoolRead(a, b poolRead) bool {
+	return maps.EqualFunc(a.nodes, b.nodes, sameNodeServices)
+}
+
+// startPoolLocked starts the pool: one watch that follows the services of every node, for a
+// catalog of more nodes than the limit of node watches (each is a blocking query, and so a
+// connection that Consul counts against its limit per client, 200 by default). It blocks on the
+// list of service names (/v1/catalog/services, whose index moves with every change of a service on
+// any node; the answer itself is not decoded) and, once it moved, reads the services of every node
+// again, bulkReadWorkers at a time; a poke (new nodes) makes it read them at once. A change on one
+// node thus costs a read of every node: the price of a constant number of connections. With seed,
+// the view starts as the seed (a read of every node, already recorded) and the pool blocks from
+// seedIndex. w.mu is held.
+func (w *Watcher) startPoolLocked(seed map[string]nodeServices, seedIndex uint64) {
+	cw := &w.cat
+	var self *watch // set below, under w.mu, before the watch can read it
+	body := &bytes.Buffer{}
+	services := func(ctx context.Context, index uint64, wait time.Duration) (uint64, error) {
+		return w.query(ctx, index, wait, func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error) {
+			body.Reset()
+			_, meta, err := a.Catalog().Services(q.WithContext(withBodySink(q.Context(), body)))
+			return meta, err
+		})
+	}
+	src := source[poolRead]{
+		fetch: func(ctx context.Context, index uint64, wait time.Duration) (poolRead, uint64, error) {
+			next := index
+			for {
+				pctx, poke := context.WithCancel(ctx)
+				w.mu.Lock()
+				mine := cw.pool == self
+				if mine && cw.poked && index > 0 {
+					cw.poked = false
+					w.mu.Unlock()
+					poke()
+					break // read the nodes now; block from the same index next time
+				}
+				if mine {
+					cw.poked, cw.poke = false, poke
+				}
+				w.mu.Unlock()
+				got, err := services(pctx, index, wait)
+				poked := pctx.Err() != nil && ctx.Err() == nil
+				poke()
+				w.mu.Lock()
+				if mine && cw.pool == self {
+					cw.poke = nil
+					if poked {
+						cw.poked = false // the nodes are read next, the new ones with them
+					}
+				}
+				w.mu.Unlock()
+				if err == nil {
+					next = got
+					break
+				}
+				if !poked {
+					return poolRead{}, 0, fmt.Errorf("consul catalog services: %w", err)
+				}
+				if index > 0 {
+					break // read the nodes now; block from the same index next time
+				}
+				// A read from scratch was poked: it is sent again.
+			}
+			w.mu.Lock()
+			names := slices.Sorted(maps.Keys(cw.nodes))
+			w.mu.Unlock()
+			nodes, indexes, err := w.c.readAllNodeServices(ctx, names)
+			if err != nil {
+				return poolRead{}, 0, err
+			}
+			return poolRead{nodes: nodes, indexes: indexes}, next, nil
+		},
+		same: samePoolRead,
+		deliver: func(wt *watch, r poolRead, _ uint64, reset bool) {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			if wt.stopped {
+				return
+			}
+			for n, ns := range r.nodes {
+				old, listed := cw.nodes[n]
+				if !listed {
+					continue // gone since
+				}
+				index := r.indexes[n]
+				if old != nil && !reset && index < old.index {
+					continue // older than a fresh read already recorded
+				}
+				w.applyNodeLocked(n, ns, index)
+			}
+			cw.signal()
+		},
+	}
+	if seed != nil {
+		src.seed, src.seedIndex = &poolRead{nodes: seed}, seedIndex
+	}
+	cw.pooled = true
+	self = w.startLocked(updateKey{kind: kindCatalog, service: "nodes pool"}, "node-services pool",
+		func(ctx context.Context, wt *watch) { follow(ctx, w, wt, src) })
+	cw.pool = self
 }
 
 // startNodeLocked starts the watch of the services of a node; from a view of them already

@@ -1,12 +1,15 @@
 package consul
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -399,4 +402,110 @@ func TestInstancesOf(t *testing.T) {
 	if _, err := c.InstancesOf(ctx, []string{"a"}, "healthy"); err == nil {
 		t.Error("an invalid filter: no error")
 	}
+}
+
+// registerNode registers an external node (a Docker host of its own) with a passing node check
+// and, unless port is 0, an instance of web.
+func registerNode(t *testing.T, agent *testenv.Consul, node, address string, port int) {
+	t.Helper()
+	body := map[string]any{
+		"Node": node, "Address": address,
+		"Check": map[string]any{"CheckID": node + "-alive", "Name": "host alive", "Status": "passing"},
+	}
+	if port != 0 {
+		body["Service"] = map[string]any{"ID": "web-" + node, "Service": "web", "Port": port}
+	}
+	consulPut(t, agent, "/v1/catalog/register", body)
+}
+
+// More nodes than the limit of node watches are followed by one watch: the connections to Consul
+// stay as few as with one node, and every kind of change is still reported (an instance added on a
+// node, a port changed, a node check turning critical, a node's address, a new node, a node gone).
+// When the nodes are few again, each has its watch again.
+func TestCatalogWatchManyNodesConstantConnections(t *testing.T) {
+	t.Parallel()
+	agent := testenv.StartConsul(t)
+	const nodes, limit = 20, 8
+	served := map[string]route.Instance{} // by node: the instances the watch must report
+	list := func() []route.Instance {
+		out := slices.Collect(maps.Values(served))
+		slices.SortFunc(out, func(a, b route.Instance) int {
+			return cmp.Or(strings.Compare(a.Address, b.Address), cmp.Compare(a.Port, b.Port))
+		})
+		return out
+	}
+	for i := 1; i <= nodes; i++ {
+		node, addr := fmt.Sprintf("host-%02d", i), fmt.Sprintf("10.3.0.%d", i)
+		registerNode(t, agent, node, addr, 80)
+		served[node] = inst(addr, 80)
+	}
+	c, cc := countingClient(t, agent.Addr)
+	r := startWatcher(t, c, nil, HealthPassing, []string{"web"}, func(w *Watcher) { w.SetNodeWatchLimit(limit) })
+	r.waitFor(t, 10*time.Second, "with the instances of every node", instancesOf("web", list()...))
+	time.Sleep(200 * time.Millisecond)
+	// The node list, the checks, the pool's query; the pool's reads of the nodes, a fresh read.
+	const bound = 3 + bulkReadWorkers + 2
+	t.Logf("%d nodes: %d connections opened, %d at most at once", nodes+1, cc.dials.Load(), cc.maxOpen.Load())
+	if m := cc.maxOpen.Load(); m > bound {
+		t.Errorf("%d connections open at once to follow %d nodes, want at most %d", m, nodes+1, bound)
+	}
+	if !strings.Contains(r.logs.String(), "one watch follows them all") {
+		t.Errorf("the switch to one watch of every node is not logged:\n%s", r.logs)
+	}
+
+	change := func(what string, do func()) {
+		t.Helper()
+		start := time.Now()
+		do()
+		u, _ := r.waitFor(t, 5*time.Second, what, instancesOf("web", list()...))
+		t.Logf("%s: reported after %s", what, time.Since(start).Round(time.Millisecond))
+		assertSameAsInstances(t, c, "web", HealthPassing, u.Instances)
+	}
+	change("a port changed on one node", func() {
+		registerNode(t, agent, "host-07", "10.3.0.7", 8080)
+		served["host-07"] = inst("10.3.0.7", 8080)
+	})
+	change("a new node", func() {
+		registerNode(t, agent, "host-21", "10.3.0.21", 80)
+		served["host-21"] = inst("10.3.0.21", 80)
+	})
+	change("a node check turned critical", func() {
+		consulPut(t, agent, "/v1/catalog/register", map[string]any{
+			"Node": "host-03", "Address": "10.3.0.3",
+			"Check": map[string]any{"CheckID": "host-03-alive", "Name": "host alive", "Status": "critical"},
+		})
+		delete(served, "host-03")
+	})
+	change("a node's address changed, no service did", func() {
+		consulPut(t, agent, "/v1/catalog/register", map[string]any{"Node": "host-09", "Address": "10.3.9.9"})
+		served["host-09"] = inst("10.3.9.9", 80)
+	})
+	// A node without a service joins (the watch reads it at once), then gets one.
+	registerNode(t, agent, "host-22", "10.3.0.22", 0)
+	change("an instance on the node that had none", func() {
+		registerNode(t, agent, "host-22", "10.3.0.22", 80)
+		served["host-22"] = inst("10.3.0.22", 80)
+	})
+	if m := cc.maxOpen.Load(); m > bound {
+		t.Errorf("%d connections open at once, want at most %d", m, bound)
+	}
+
+	// Few nodes again: a watch each.
+	change("nodes gone", func() {
+		for i := 1; i <= 18; i++ {
+			node := fmt.Sprintf("host-%02d", i)
+			consulPut(t, agent, "/v1/catalog/deregister", map[string]any{"Node": node})
+			delete(served, node)
+		}
+	})
+	for end := time.Now().Add(5 * time.Second); !strings.Contains(r.logs.String(), "a watch per node") && time.Now().Before(end); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !strings.Contains(r.logs.String(), "a watch per node") {
+		t.Fatalf("with 5 nodes of a limit of %d, the nodes are not watched one by one again:\n%s", limit, r.logs)
+	}
+	change("a port changed, with a watch per node", func() {
+		registerNode(t, agent, "host-20", "10.3.0.20", 8081)
+		served["host-20"] = inst("10.3.0.20", 8081)
+	})
 }

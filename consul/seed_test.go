@@ -83,33 +83,47 @@ func (w *seededWorld) seed(t *testing.T) func(*Watcher) {
 // reports nothing until Consul changes; then it reports the change.
 func TestWatcherSeeded(t *testing.T) {
 	t.Parallel()
-	w := newSeededWorld(t)
-	// A short wait: queries that end without news are sent again, from the same index.
-	r := startWatcher(t, w.c, w.store, HealthPassing, nil, func(wt *Watcher) {
-		wt.timing.wait = 300 * time.Millisecond
-		w.seed(t)(wt)
-	})
-	r.expectNone(t, 1500*time.Millisecond, "nothing changed since the seed's reads")
-	reads := w.front.Take()
-	for _, read := range reads {
-		if !read.Under("/v1/status/") && !read.Blocking() {
-			t.Errorf("the seeded watcher read %s without an index (the whole of it again)", read)
-		}
-	}
-	for _, path := range []string{"/v1/kv/docker-flow/", "/v1/catalog/nodes", "/v1/catalog/node-services/", "/v1/health/state/any"} {
-		if !slices.ContainsFunc(reads, func(r testenv.ConsulRead) bool { return r.Under(path) && r.Blocking() }) {
-			t.Errorf("no blocking query on %s; reads: %v", path, reads)
-		}
-	}
+	for _, tc := range []struct {
+		name  string
+		limit int // of node watches
+		nodes string
+	}{
+		{"a watch per node", DefaultNodeWatchLimit, "/v1/catalog/node-services/"},
+		// One watch follows every node (see startPoolLocked): it starts from the seed too.
+		{"one watch of every node", 0, "/v1/catalog/services"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			w := newSeededWorld(t)
+			// A short wait: queries that end without news are sent again, from the same index.
+			r := startWatcher(t, w.c, w.store, HealthPassing, nil, func(wt *Watcher) {
+				wt.timing.wait = 300 * time.Millisecond
+				wt.SetNodeWatchLimit(tc.limit)
+				w.seed(t)(wt)
+			})
+			r.expectNone(t, 1500*time.Millisecond, "nothing changed since the seed's reads")
+			reads := w.front.Take()
+			for _, read := range reads {
+				if !read.Under("/v1/status/") && !read.Blocking() {
+					t.Errorf("the seeded watcher read %s without an index (the whole of it again)", read)
+				}
+			}
+			for _, path := range []string{"/v1/kv/docker-flow/", "/v1/catalog/nodes", tc.nodes, "/v1/health/state/any"} {
+				if !slices.ContainsFunc(reads, func(r testenv.ConsulRead) bool { return r.Under(path) && r.Blocking() }) {
+					t.Errorf("no blocking query on %s; reads: %v", path, reads)
+				}
+			}
 
-	// The changes are reported: an instance, a route written by another replica.
-	w.agent.RegisterService("books", "books-2", "10.0.0.2", 8080)
-	r.waitFor(t, 5*time.Second, "with the new instance", instancesOf("books", inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)))
-	goDemo := route.Route{ServiceName: "go-demo", ServicePath: []string{"/demo"}, PathType: route.PathBeg}
-	if err := NewStore(w.direct, "").Put(testContext(t), goDemo); err != nil {
-		t.Fatal(err)
+			// The changes are reported: an instance, a route written by another replica.
+			w.agent.RegisterService("books", "books-2", "10.0.0.2", 8080)
+			r.waitFor(t, 5*time.Second, "with the new instance", instancesOf("books", inst("10.0.0.1", 8080), inst("10.0.0.2", 8080)))
+			goDemo := route.Route{ServiceName: "go-demo", ServicePath: []string{"/demo"}, PathType: route.PathBeg}
+			if err := NewStore(w.direct, "").Put(testContext(t), goDemo); err != nil {
+				t.Fatal(err)
+			}
+			r.waitFor(t, 5*time.Second, "with the new route", routesNamed("books", "go-demo"))
+		})
 	}
-	r.waitFor(t, 5*time.Second, "with the new route", routesNamed("books", "go-demo"))
 }
 
 // What changed between the seed's reads and the watcher's start (a replica starts HAProxy in

@@ -100,6 +100,9 @@ type Watcher struct {
 	filter HealthFilter
 	logger *slog.Logger
 	timing watchTiming
+	// nodeWatchLimit is the number of nodes above which one watch follows the services of every
+	// node rather than a watch each (see startPoolLocked).
+	nodeWatchLimit int
 
 	updates chan Update
 	notify  chan struct{} // capacity 1: the queue has something for the sender
@@ -130,6 +133,20 @@ type Watcher struct {
 type routesSeed struct {
 	versions map[string]route.KVVersion
 	index    uint64
+}
+
+// DefaultNodeWatchLimit is the number of Consul nodes up to which each node's services are
+// followed by a blocking query of their own: the watcher then holds about five connections to its
+// agent plus one per node, well under Consul's default limit of 200 per client address (which
+// also counts, for up to a query's wait, the queries of a replica that has just stopped).
+const DefaultNodeWatchLimit = 64
+
+// SetNodeWatchLimit sets the number of nodes above which one watch follows every node's services
+// (0: whatever their number); it is called before Run.
+func (w *Watcher) SetNodeWatchLimit(n int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.nodeWatchLimit = max(0, n)
 }
 
 // errSeedAfterRun: a watch is seeded once Run has started it.
@@ -218,13 +235,14 @@ func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logge
 			backoffMax:   watchBackoffMax,
 			retryTimeout: watchRetryTimeout,
 		},
-		updates:  make(chan Update, updatesBuffer),
-		notify:   make(chan struct{}, 1),
-		services: map[string]bool{},
-		cat:      newCatalogWatch(),
-		pending:  map[updateKey]Update{},
-		failing:  map[*watch]bool{},
-		wake:     make(chan struct{}),
+		nodeWatchLimit: DefaultNodeWatchLimit,
+		updates:        make(chan Update, updatesBuffer),
+		notify:         make(chan struct{}, 1),
+		services:       map[string]bool{},
+		cat:            newCatalogWatch(),
+		pending:        map[updateKey]Update{},
+		failing:        map[*watch]bool{},
+		wake:           make(chan struct{}),
 	}
 }
 

@@ -21,11 +21,19 @@ import (
 )
 
 func TestNewInstanceIsServedWithoutAnyCall(t *testing.T) {
+	// A watch per Consul node (the default for up to 64 nodes), or one watch of every node (as
+	// for more nodes than NodeWatchLimit).
+	for _, limit := range []int{0, -1} {
+		t.Run(fmt.Sprintf("NodeWatchLimit=%d", limit), func(t *testing.T) { testNewInstanceIsServed(t, limit) })
+	}
+}
+
+func testNewInstanceIsServed(t *testing.T, nodeWatchLimit int) {
 	e := newEnv(t)
 	for _, n := range []string{"books-1", "books-2", "books-3"} {
 		e.backend("books-ms", n)
 	}
-	p := e.startProxy("docker-flow")
+	p := e.startProxyWith("docker-flow", func(c *Config) { c.NodeWatchLimit = nodeWatchLimit })
 	p.reconfigure(t, booksQuery)
 	if got := backendsReached(t, p.http+"/api/v1/books", 9); len(got) != 3 {
 		t.Fatalf("reached %v, want three instances", got)

@@ -59,7 +59,11 @@ type Config struct {
 	// NoWatch turns off following Consul (the original's behaviour): HAProxy then changes only on
 	// reconfigure, remove and reload requests.
 	NoWatch bool
-	Logger  *slog.Logger
+	// NodeWatchLimit is the number of Consul nodes up to which each node's services are followed
+	// by a blocking query of their own; above it one query follows them all (0: the default,
+	// consul.DefaultNodeWatchLimit; negative: one query whatever the number of nodes).
+	NodeWatchLimit int
+	Logger         *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -170,6 +174,12 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if !cfg.NoWatch {
 		w := consul.NewWatcher(cc, consul.NewStore(cc, cfg.InstanceName), cfg.Health, cfg.Logger)
+		switch {
+		case cfg.NodeWatchLimit > 0:
+			w.SetNodeWatchLimit(cfg.NodeWatchLimit)
+		case cfg.NodeWatchLimit < 0:
+			w.SetNodeWatchLimit(0)
+		}
 		if loaded {
 			s.seed(w)
 		}

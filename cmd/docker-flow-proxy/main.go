@@ -83,6 +83,8 @@ func serverCommand() *cli.Command {
 			&cli.StringFlag{Name: "stats-pass", EnvVars: []string{"STATS_PASS"}, Usage: "the stats page's password (required with --stats-port)"},
 			&cli.BoolFlag{Name: "no-watch", EnvVars: []string{"NO_WATCH"},
 				Usage: "do not follow Consul: change HAProxy only on reconfigure, remove and reload (the original's behaviour)"},
+			&cli.IntFlag{Name: "consul-node-watches", Value: consul.DefaultNodeWatchLimit, EnvVars: []string{"CONSUL_NODE_WATCHES"},
+				Usage: "follow each Consul node's services with a connection of its own up to this many nodes; above it, one connection follows them all (Consul allows 200 connections per client by default)"},
 			&cli.StringFlag{Name: "service-health", Value: "passing", EnvVars: []string{"SERVICE_HEALTH"},
 				Usage: "which instances receive traffic: passing (all checks pass), warning (passing or warning) or any"},
 			&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", EnvVars: []string{"HAPROXY_BIN"}, Usage: "the HAProxy binary"},
@@ -129,6 +131,7 @@ func runServer(c *cli.Context) error {
 		StartupTimeout:  c.Duration("startup-timeout"),
 		Users:           c.String("users"),
 		NoWatch:         c.Bool("no-watch"),
+		NodeWatchLimit:  nodeWatchLimit(c.Int("consul-node-watches")),
 		Services:        services,
 		StatsPort:       c.Int("stats-port"),
 		StatsUser:       c.String("stats-user"),
@@ -153,4 +156,13 @@ func splitComma(s string) []string {
 		}
 	}
 	return out
+}
+
+// nodeWatchLimit maps --consul-node-watches to server.Config's NodeWatchLimit (where 0 is the
+// default): 0 nodes with a watch of their own is one watch of every node.
+func nodeWatchLimit(n int) int {
+	if n <= 0 {
+		return -1
+	}
+	return n
 }
