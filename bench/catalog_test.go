@@ -34,7 +34,7 @@ func BenchmarkCatalogChangeToTraffic(b *testing.B) {
 	for _, services := range []int{10, envInt("BENCH_MANY_SERVICES", 1000)} {
 		b.Run(fmt.Sprintf("services=%d", services), func(b *testing.B) {
 			for i := 0; i < b.N; i++ {
-				median, p90 := catalogChangeDelays(b, services, changes)
+				median, p90, _ := catalogChangeDelays(b, services, 0, changes)
 				b.ReportMetric(float64(median.Milliseconds()), "median-ms")
 				b.ReportMetric(float64(p90.Milliseconds()), "p90-ms")
 			}
@@ -42,7 +42,33 @@ func BenchmarkCatalogChangeToTraffic(b *testing.B) {
 	}
 }
 
-func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.Duration) {
+// BenchmarkCatalogChangeToTrafficNodes is BenchmarkCatalogChangeToTraffic with the services spread
+// over nodes of their own (as over Docker hosts): 50 nodes, each followed by a blocking query of
+// its own, and 200 nodes, more than the limit of node watches (64), followed by one query that
+// reads every node again at each change. It also reports the connections to Consul open at the
+// end (the server's, and a few of the benchmark's own).
+//
+//	go test ./bench -run '^$' -bench CatalogChangeToTrafficNodes -benchtime 1x
+func BenchmarkCatalogChangeToTrafficNodes(b *testing.B) {
+	changes := envInt("BENCH_CHANGES", 50)
+	services := envInt("BENCH_MANY_SERVICES", 1000)
+	for _, nodes := range []int{50, 200} {
+		b.Run(fmt.Sprintf("services=%d/nodes=%d", services, nodes), func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				median, p90, conns := catalogChangeDelays(b, services, nodes, changes)
+				b.ReportMetric(float64(median.Milliseconds()), "median-ms")
+				b.ReportMetric(float64(p90.Milliseconds()), "p90-ms")
+				b.ReportMetric(float64(conns), "consul-conns")
+			}
+		})
+	}
+}
+
+// catalogChangeDelays routes services and measures the delay of changes (see
+// BenchmarkCatalogChangeToTraffic). With nodes > 0 the instances are registered on that many
+// nodes of their own, round robin, and the changes on the node of the changed service. It returns
+// the median and 90th percentile delays and the connections to Consul open at the end.
+func catalogChangeDelays(b *testing.B, services, nodes, changes int) (median, p90 time.Duration, conns int) {
 	c := testenv.StartConsul(b)
 	client, err := consul.New([]string{c.Addr}, nil)
 	if err != nil {
@@ -55,9 +81,25 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 	sharedPort := portOf(shared.URL)
 	store := consul.NewStore(client, "docker-flow")
 	ctx := context.Background()
+	nodeOf := func(i int) string { return fmt.Sprintf("bench-host-%03d", i%max(1, nodes)) }
+	register := func(i int, name, id string, port int) {
+		if nodes == 0 {
+			c.RegisterService(name, id, "127.0.0.1", port)
+			return
+		}
+		c.Put("/v1/catalog/register", fmt.Sprintf(`{"Node":%q,"Address":"127.0.0.1","SkipNodeUpdate":true,"Service":{"ID":%q,"Service":%q,"Port":%d}}`,
+			nodeOf(i), id, name, port))
+	}
+	deregister := func(i int, id string) {
+		if nodes == 0 {
+			c.DeregisterService(id)
+			return
+		}
+		c.Put("/v1/catalog/deregister", fmt.Sprintf(`{"Node":%q,"ServiceID":%q}`, nodeOf(i), id))
+	}
 	for i := 0; i < services; i++ {
 		name := fmt.Sprintf("svc-%05d", i)
-		c.RegisterService(name, name+"-0", "127.0.0.1", sharedPort)
+		register(i, name, name+"-0", sharedPort)
 		if err := store.Put(ctx, route.Route{ServiceName: name, ServicePath: []string{"/" + name + "/"}, PathType: route.PathBeg}); err != nil {
 			b.Fatal(err)
 		}
@@ -77,6 +119,7 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 	defer srv.Stop(context.Background())
 
 	target := fmt.Sprintf("svc-%05d", services/2)
+	targetNode := services / 2
 	url := fmt.Sprintf("http://127.0.0.1:%d/%s/x", httpPort, target)
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	var delays []time.Duration
@@ -88,7 +131,7 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 		}))
 		id := fmt.Sprintf("%s-new-%d", target, n)
 		registered := time.Now()
-		c.RegisterService(target, id, "127.0.0.1", portOf(fresh.URL))
+		register(targetNode, target, id, portOf(fresh.URL))
 		deadline := registered.Add(30 * time.Second)
 		for {
 			resp, err := hc.Get(url)
@@ -104,7 +147,7 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 			}
 			time.Sleep(2 * time.Millisecond)
 		}
-		c.DeregisterService(id)
+		deregister(targetNode, id)
 		fresh.Close()
 		// Wait until the instance is gone from the config before the next change.
 		wait := time.Now().Add(30 * time.Second)
@@ -116,7 +159,27 @@ func catalogChangeDelays(b *testing.B, services, changes int) (median, p90 time.
 		}
 	}
 	sort.Slice(delays, func(i, j int) bool { return delays[i] < delays[j] })
-	return delays[len(delays)/2], delays[len(delays)*9/10]
+	return delays[len(delays)/2], delays[len(delays)*9/10], establishedTo(b, portOf("http://"+c.Addr))
+}
+
+// establishedTo counts the established TCP connections to port on 127.0.0.1, from the network
+// namespace's table (/proc/self/net/tcp): those to the benchmark's own Consul agent come from this
+// process only (the server runs in it).
+func establishedTo(b *testing.B, port int) int {
+	data, err := os.ReadFile("/proc/self/net/tcp")
+	if err != nil {
+		b.Logf("counting connections: %v", err)
+		return -1
+	}
+	want := fmt.Sprintf("0100007F:%04X", port)
+	n := 0
+	for _, line := range strings.Split(string(data), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[2] == want && f[3] == "01" {
+			n++
+		}
+	}
+	return n
 }
 
 func portOf(url string) int {
