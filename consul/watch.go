@@ -21,8 +21,11 @@ import (
 // The watcher's pace.
 const (
 	// watchWait is how long one blocking query waits for a change before Consul answers anyway
-	// (Consul's own default; it adds up to 1/16 of it as jitter).
-	watchWait = 5 * time.Minute
+	// (it adds up to 1/16 of it as jitter). Consul's default is 5 minutes; a shorter wait costs a
+	// query per watch and minute, and bounds how long the queries of a replica that stopped hold
+	// their connections: Consul ends a blocking query at its wait even when its client is gone,
+	// and counts its connection against its limit per client address (200) until then.
+	watchWait = time.Minute
 	// watchSeedWait is the wait of a seeded watch's first query. A seed's index above Consul's
 	// (an agent that lost its data between the load and the watch's start, as a dev agent does
 	// when restarted) would hold that query for the whole wait; Consul answers it after this one
