@@ -64,10 +64,10 @@ type Update struct {
 	Versions      map[string]route.KVVersion
 	Index         uint64
 	// Err, when set, says Consul could not be read (the watcher keeps retrying, and keeps what it
-	// knew); Since is when the outage began. Consul is readable again when an update without Err
-	// follows the last one with Err: once the outage is over, the route table is reported, even
-	// unchanged, and so is every service whose instances differ from the list reported last; and
-	// once no watch fails any more, an update with Recovered closes the outage.
+	// knew); Since is when the outage began. A watch that reads Consul again reports its state
+	// (the route table even unchanged, every service whose instances differ from the list
+	// reported last), followed by the outage again while other watches still fail; once no watch
+	// fails any more, an update with Recovered closes the outage.
 	Err   error
 	Since time.Time
 	// Recovered says that every watch reads Consul again after an outage was reported.
