@@ -272,7 +272,10 @@ func TestConsulNotYetRestoredDropsNoRouteNorInstance(t *testing.T) {
 		code, _ := get(t, p.api+"/v1/docker-flow-proxy/health", nil)
 		return code == http.StatusOK
 	})
-	time.Sleep(2 * time.Second) // every watch has read again; the convergence is done
+	eventually(t, 15*time.Second, "every watch reads Consul again and the proxy converges", func() bool {
+		return strings.Contains(logs.String(), "converging to its state")
+	})
+	time.Sleep(time.Second) // the convergence's reads, from the state not restored, are done
 	front.set("up")
 	time.Sleep(time.Second)
 	sent, failed, firstErr := stopLoad()
