@@ -355,43 +355,9 @@ func (w *Watcher) startPoolLocked(seed map[string]nodeServices, seedIndex uint64
 	}
 	src := source[poolRead]{
 		fetch: func(ctx context.Context, index uint64, wait time.Duration) (poolRead, uint64, error) {
-			next := index
-			for {
-				pctx, poke := context.WithCancel(ctx)
-				w.mu.Lock()
-				mine := cw.pool == self
-				if mine && cw.poked && index > 0 {
-					cw.poked = false
-					w.mu.Unlock()
-					poke()
-					break // read the nodes now; block from the same index next time
-				}
-				if mine {
-					cw.poked, cw.poke = false, poke
-				}
-				w.mu.Unlock()
-				got, err := services(pctx, index, wait)
-				poked := pctx.Err() != nil && ctx.Err() == nil
-				poke()
-				w.mu.Lock()
-				if mine && cw.pool == self {
-					cw.poke = nil
-					if poked {
-						cw.poked = false // the nodes are read next, the new ones with them
-					}
-				}
-				w.mu.Unlock()
-				if err == nil {
-					next = got
-					break
-				}
-				if !poked {
-					return poolRead{}, 0, fmt.Errorf("consul catalog services: %w", err)
-				}
-				if index > 0 {
-					break // read the nodes now; block from the same index next time
-				}
-				// A read from scratch was poked: it is sent again.
+			next, err := w.poolWait(ctx, &self, index, wait, services)
+			if err != nil {
+				return poolRead{}, 0, fmt.Errorf("consul catalog services: %w", err)
 			}
 			w.mu.Lock()
 			names := slices.Sorted(maps.Keys(cw.nodes))
@@ -430,6 +396,52 @@ func (w *Watcher) startPoolLocked(seed map[string]nodeServices, seedIndex uint64
 	self = w.startLocked(updateKey{kind: kindCatalog, service: "nodes pool"}, "node-services pool",
 		func(ctx context.Context, wt *watch) { follow(ctx, w, wt, src) })
 	cw.pool = self
+}
+
+// poolWait is the pool's wait for a change: query blocks from index until a service changes (from
+// 0 it answers at once) or the pool is poked, which ends the query. It returns the index to block
+// from next: Consul's, or index again when poked. The pool is *self (read under w.mu, as it is
+// written); when it is not the running one any more, its context is ended.
+func (w *Watcher) poolWait(ctx context.Context, self **watch, index uint64, wait time.Duration,
+	query func(ctx context.Context, index uint64, wait time.Duration) (uint64, error)) (uint64, error) {
+	cw := &w.cat
+	for {
+		pctx, poke := context.WithCancel(ctx)
+		w.mu.Lock()
+		if cw.pool != *self {
+			w.mu.Unlock()
+			poke()
+			return 0, context.Canceled
+		}
+		if cw.poked && index > 0 {
+			cw.poked = false
+			w.mu.Unlock()
+			poke()
+			return index, nil
+		}
+		cw.poked, cw.poke = false, poke // a read from 0 reads every node anyway
+		w.mu.Unlock()
+		next, err := query(pctx, index, wait)
+		poked := pctx.Err() != nil && ctx.Err() == nil
+		poke()
+		w.mu.Lock()
+		if cw.pool == *self {
+			cw.poke = nil
+			if poked {
+				cw.poked = false // the nodes are read next, the new ones with them
+			}
+		}
+		w.mu.Unlock()
+		switch {
+		case err == nil:
+			return next, nil
+		case !poked:
+			return 0, err
+		case index > 0:
+			return index, nil
+		}
+		// A read from scratch was poked: it is sent again.
+	}
 }
 
 // startNodeLocked starts the watch of the services of a node; from a view of them already
