@@ -129,11 +129,7 @@ func (s *CertStore) WaitChange(ctx context.Context, index uint64, wait time.Dura
 	var meta *api.QueryMeta
 	err := s.c.do(ctx, func(ctx context.Context, a *api.Client) error {
 		var err error
-		q := fresh(ctx)
-		if index > 0 {
-			q = (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(ctx)
-		}
-		_, meta, err = a.KV().Keys(s.prefix+"/", "", q)
+		_, meta, err = a.KV().Keys(s.prefix+"/", "", from(ctx, index, wait))
 		return err
 	})
 	if err != nil {

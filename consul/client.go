@@ -162,6 +162,15 @@ func fresh(ctx context.Context) *api.QueryOptions {
 	return (&api.QueryOptions{RequireConsistent: true}).WithContext(ctx)
 }
 
+// from is the options of a read from index: a blocking query for at most wait, or, from 0, a read
+// from scratch (fresh).
+func from(ctx context.Context, index uint64, wait time.Duration) *api.QueryOptions {
+	if index == 0 {
+		return fresh(ctx)
+	}
+	return (&api.QueryOptions{WaitIndex: index, WaitTime: wait}).WithContext(ctx)
+}
+
 // do runs call against the current agent and, while the agent cannot serve it, against the next
 // ones of the list, each time with the per-request timeout. It stays on the first agent that serves
 // the call. An error the agent answers with (4xx, a failed transaction) is returned as is; when no

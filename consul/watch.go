@@ -486,14 +486,12 @@ func jitter(d time.Duration) time.Duration {
 func (w *Watcher) query(ctx context.Context, index uint64, wait time.Duration, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error) {
 	var last uint64
 	err := w.c.do(ctx, func(reqCtx context.Context, a *api.Client) error {
-		q := fresh(reqCtx) // a read from scratch (see fresh)
 		if index > 0 {
-			q = &api.QueryOptions{WaitIndex: index, WaitTime: wait}
 			var cancel context.CancelFunc
 			reqCtx, cancel = context.WithTimeout(ctx, wait+wait/16+w.c.timeout)
 			defer cancel()
 		}
-		meta, err := call(a, q.WithContext(reqCtx))
+		meta, err := call(a, from(reqCtx, index, wait))
 		if err != nil {
 			return err
 		}

@@ -174,11 +174,8 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	if !cfg.NoWatch {
 		w := consul.NewWatcher(cc, consul.NewStore(cc, cfg.InstanceName), cfg.Health, cfg.Logger)
-		switch {
-		case cfg.NodeWatchLimit > 0:
-			w.SetNodeWatchLimit(cfg.NodeWatchLimit)
-		case cfg.NodeWatchLimit < 0:
-			w.SetNodeWatchLimit(0)
+		if cfg.NodeWatchLimit != 0 {
+			w.SetNodeWatchLimit(max(0, cfg.NodeWatchLimit))
 		}
 		if loaded {
 			s.seed(w)
