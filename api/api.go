@@ -44,6 +44,8 @@ type CertsResponse struct {
 type Health interface {
 	HAProxyRunning() bool
 	ConsulPing(ctx context.Context) error
+	// ConsulFollowed is nil when every watch of Consul reads it.
+	ConsulFollowed() error
 }
 
 // Response is the original product's answer to reconfigure and remove.
@@ -337,6 +339,8 @@ func (a *handlers) health(w http.ResponseWriter, req *http.Request) {
 	}
 	if err := a.h.ConsulPing(ctx); err != nil {
 		resp.Status, resp.Consul, code = StatusNOK, "unreachable: "+err.Error(), http.StatusServiceUnavailable
+	} else if err := a.h.ConsulFollowed(); err != nil {
+		resp.Status, resp.Consul, code = StatusNOK, "reachable, but a watch of it fails "+err.Error(), http.StatusServiceUnavailable
 	}
 	writeJSON(w, code, resp)
 }

@@ -120,12 +120,11 @@ type Watcher struct {
 	pending  map[updateKey]Update
 	order    []updateKey // of pending, least recently queued first
 
-	// The outage: the watches whose last read failed, since when one has been failing, the last
-	// error, and a channel closed (and replaced) whenever a failed watch reads again, which wakes
+	// The outage: the watches whose last read failed, with its error, since when one has been
+	// failing, and a channel closed (and replaced) whenever a failed watch reads again, which wakes
 	// the watches waiting to retry.
-	failing map[*watch]bool
+	failing map[*watch]error
 	since   time.Time
-	lastErr error
 	wake    chan struct{}
 
 	// What the watches start from (SeedRoutes, SeedCatalog), taken when Run starts them.
@@ -244,7 +243,7 @@ func NewWatcher(c *Client, store *Store, filter HealthFilter, logger *slog.Logge
 		services:       map[string]bool{},
 		cat:            newCatalogWatch(),
 		pending:        map[updateKey]Update{},
-		failing:        map[*watch]bool{},
+		failing:        map[*watch]error{},
 		wake:           make(chan struct{}),
 	}
 }
@@ -342,7 +341,7 @@ func (w *Watcher) stopLocked(wt *watch) {
 	wt.stopped = true
 	wt.cancel()
 	w.dequeueLocked(wt.key)
-	if w.failing[wt] {
+	if _, ok := w.failing[wt]; ok {
 		delete(w.failing, wt)
 		if w.runCtx != nil {
 			w.outageOverLocked()
@@ -561,7 +560,8 @@ func (w *Watcher) failed(wt *watch, err error) <-chan struct{} {
 	if wt.stopped {
 		return wake
 	}
-	if w.failing[wt] {
+	if _, ok := w.failing[wt]; ok {
+		w.failing[wt] = err
 		w.logger.Debug("consul watch: still failing, retrying", "watch", wt.name, "error", err)
 		return wake
 	}
@@ -571,8 +571,7 @@ func (w *Watcher) failed(wt *watch, err error) <-chan struct{} {
 	} else {
 		w.logger.Debug("consul watch: cannot read Consul, retrying with backoff", "watch", wt.name, "error", err)
 	}
-	w.failing[wt] = true
-	w.lastErr = err
+	w.failing[wt] = err
 	w.enqueueLocked(updateKey{kind: kindOutage}, Update{Err: err, Since: w.since})
 	return wake
 }
@@ -582,18 +581,33 @@ func (w *Watcher) failed(wt *watch, err error) <-chan struct{} {
 func (w *Watcher) recovered(wt *watch) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if !w.failing[wt] {
+	if _, ok := w.failing[wt]; !ok {
 		return
 	}
 	delete(w.failing, wt)
 	close(w.wake)
 	w.wake = make(chan struct{})
 	if len(w.failing) > 0 {
-		// Others still fail: the outage goes on after this watch's state.
-		w.enqueueLocked(updateKey{kind: kindOutage}, Update{Err: w.lastErr, Since: w.since})
+		// Others still fail: the outage goes on after this watch's state, with the error of one
+		// that still fails.
+		w.enqueueLocked(updateKey{kind: kindOutage}, Update{Err: w.failingErrLocked(), Since: w.since})
 		return
 	}
 	w.outageOverLocked()
+}
+
+// failingErrLocked is the last error of a watch that fails, the first by name of those that do.
+func (w *Watcher) failingErrLocked() error {
+	var first *watch
+	for wt := range w.failing {
+		if first == nil || wt.name < first.name {
+			first = wt
+		}
+	}
+	if first == nil {
+		return nil
+	}
+	return w.failing[first]
 }
 
 // outageOverLocked ends the outage once no watch fails: a queued outage report is dropped, since
@@ -603,7 +617,7 @@ func (w *Watcher) outageOverLocked() {
 		return
 	}
 	w.logger.Info("consul watch: reading Consul again", "outage", time.Since(w.since).Round(time.Millisecond))
-	w.since, w.lastErr = time.Time{}, nil
+	w.since = time.Time{}
 	// The outage's last report may already be delivered: its end is reported in its place, after
 	// the states read again, which are newer.
 	w.enqueueLocked(updateKey{kind: kindOutage}, Update{Recovered: true})

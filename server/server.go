@@ -298,6 +298,16 @@ func (s *Server) ConsulPing(ctx context.Context) error {
 	return err
 }
 
+// ConsulFollowed reports whether every watch of Consul reads it (for the health endpoint). A
+// Consul that answers a ping may still fail some of them (too many connections from this
+// address, one endpoint failing): the proxy then serves a state that may be behind the catalog.
+func (s *Server) ConsulFollowed() error {
+	if err, since := s.outage.get(); err != nil {
+		return fmt.Errorf("since %s: %w", since.UTC().Format(time.RFC3339), err)
+	}
+	return nil
+}
+
 // Stop stops the API, then HAProxy, bounded by ctx.
 func (s *Server) Stop(ctx context.Context) error {
 	var err error
