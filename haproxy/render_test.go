@@ -39,6 +39,7 @@ func caseSettings(name string, s Settings) Settings {
 		if s.MapsDir == "" {
 			s.MapsDir = "/run/dfp/maps"
 		}
+		s.SpareBackends = 3
 	}
 	return s
 }

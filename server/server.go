@@ -63,7 +63,11 @@ type Config struct {
 	// by a blocking query of their own; above it one query follows them all (0: the default,
 	// consul.DefaultNodeWatchLimit; negative: one query whatever the number of nodes).
 	NodeWatchLimit int
-	Logger         *slog.Logger
+	// SpareBackends is how many empty backends HAProxy carries to serve new plain routes through its
+	// runtime API, before the reload that gives them their own (0: the default,
+	// haproxy.DefaultSpareBackends; negative: none, every new route waits for a reload).
+	SpareBackends int
+	Logger        *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -132,6 +136,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
 	settings.MapsDir = filepath.Join(cfg.ConfigDir, "maps")
 	settings.Users = users
+	if cfg.SpareBackends != 0 {
+		settings.SpareBackends = max(0, cfg.SpareBackends)
+	}
 	settings.StatsPort, settings.StatsUser = cfg.StatsPort, statsUser
 	if cfg.CertsDir != "" {
 		if err := os.MkdirAll(cfg.CertsDir, 0o755); err != nil {

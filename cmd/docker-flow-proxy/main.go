@@ -16,6 +16,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 	"github.com/docker-flow-proxy/docker-flow-proxy/server"
 	"github.com/docker-flow-proxy/docker-flow-proxy/templates"
@@ -85,6 +86,8 @@ func serverCommand() *cli.Command {
 				Usage: "do not follow Consul: change HAProxy only on reconfigure, remove and reload (the original's behaviour)"},
 			&cli.IntFlag{Name: "consul-node-watches", Value: consul.DefaultNodeWatchLimit, EnvVars: []string{"CONSUL_NODE_WATCHES"},
 				Usage: "follow each Consul node's services with a connection of its own up to this many nodes; above it, one connection follows them all (Consul allows 200 connections per client by default)"},
+			&cli.IntFlag{Name: "spare-backends", Value: haproxy.DefaultSpareBackends, EnvVars: []string{"SPARE_BACKENDS"},
+				Usage: "empty backends that serve new plain routes through HAProxy's runtime API until a reload gives them their own: that many new routes in a row wait for no reload (0: none)"},
 			&cli.StringFlag{Name: "service-health", Value: "passing", EnvVars: []string{"SERVICE_HEALTH"},
 				Usage: "which instances receive traffic: passing (all checks pass), warning (passing or warning) or any"},
 			&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", EnvVars: []string{"HAPROXY_BIN"}, Usage: "the HAProxy binary"},
@@ -131,7 +134,8 @@ func runServer(c *cli.Context) error {
 		StartupTimeout:  c.Duration("startup-timeout"),
 		Users:           c.String("users"),
 		NoWatch:         c.Bool("no-watch"),
-		NodeWatchLimit:  nodeWatchLimit(c.Int("consul-node-watches")),
+		NodeWatchLimit:  zeroIsNone(c.Int("consul-node-watches")),
+		SpareBackends:   zeroIsNone(c.Int("spare-backends")),
 		Services:        services,
 		StatsPort:       c.Int("stats-port"),
 		StatsUser:       c.String("stats-user"),
@@ -158,9 +162,10 @@ func splitComma(s string) []string {
 	return out
 }
 
-// nodeWatchLimit maps --consul-node-watches to server.Config's NodeWatchLimit (where 0 is the
-// default): 0 nodes with a watch of their own is one watch of every node.
-func nodeWatchLimit(n int) int {
+// zeroIsNone maps a count flag, where 0 is none (--consul-node-watches 0: no node has a watch of
+// its own; --spare-backends 0: no spare), to server.Config, where 0 is the default and a negative
+// number is none.
+func zeroIsNone(n int) int {
 	if n <= 0 {
 		return -1
 	}
