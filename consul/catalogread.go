@@ -192,32 +192,49 @@ func (c *Client) readNodeList(ctx context.Context, q func(ctx context.Context, c
 	return list, last, nil
 }
 
+// nodeServiceList is the part of /v1/catalog/node-services/<node>'s answer that the proxy uses.
+// Decoding only these fields, not api.CatalogNodeServiceList's (tags, meta, weights, proxy and
+// connect settings of every service), takes the decode of a node's services to a fraction: a
+// pool watch decodes every node of the catalog after each change.
+type nodeServiceList struct {
+	Node *struct {
+		Address string
+	}
+	Services []*struct {
+		ID, Service, Address string
+		Port                 int
+	}
+}
+
 // readNodeServices reads the services of one node; a node Consul does not know has none.
 func readNodeServices(ctx context.Context, node string, q func(ctx context.Context, call func(a *api.Client, q *api.QueryOptions) (*api.QueryMeta, error)) (uint64, error)) (nodeServices, uint64, error) {
-	var list *api.CatalogNodeServiceList
+	var list nodeServiceList
 	last, err := q(ctx, func(a *api.Client, o *api.QueryOptions) (*api.QueryMeta, error) {
-		var meta *api.QueryMeta
-		var err error
-		list, meta, err = a.Catalog().NodeServiceList(node, o)
-		return meta, err
+		list = nodeServiceList{}
+		return a.Raw().Query("/v1/catalog/node-services/"+node, &list, o)
 	})
 	if err != nil {
 		return nodeServices{}, 0, fmt.Errorf("consul catalog node-services %s: %w", node, err)
 	}
+	return list.state(), last, nil
+}
+
+// state is the node's address and its services sorted by ID.
+func (l nodeServiceList) state() nodeServices {
 	var ns nodeServices
-	if list == nil || list.Node == nil {
-		return ns, last, nil
+	if l.Node == nil {
+		return ns
 	}
-	ns.address = list.Node.Address
-	ns.services = make([]serviceState, 0, len(list.Services))
-	for _, s := range list.Services {
+	ns.address = l.Node.Address
+	ns.services = make([]serviceState, 0, len(l.Services))
+	for _, s := range l.Services {
 		if s == nil {
 			continue
 		}
 		ns.services = append(ns.services, serviceState{ID: s.ID, Name: s.Service, Address: s.Address, Port: s.Port})
 	}
 	sort.Slice(ns.services, func(i, j int) bool { return ns.services[i].ID < ns.services[j].ID })
-	return ns, last, nil
+	return ns
 }
 
 // readChecks reads every health check.
