@@ -89,6 +89,7 @@ func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool
 			lat, call = append(lat, l), append(call, c)
 		}
 	}
+	h.say("item 1 at %d services, the samples in order (ms): %s", n, msList(lat))
 	target := ""
 	var limit time.Duration
 	switch n {
@@ -109,9 +110,20 @@ func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool
 	h.add(Row{Item: 1, Measure: "reconfigure call alone, median", Services: n, Value: fmtMS(cm), Num: ms(cm), Err: err})
 }
 
+// msList is durations as whole milliseconds, separated by spaces.
+func msList(ds []time.Duration) string {
+	parts := make([]string, len(ds))
+	for i, d := range ds {
+		parts[i] = strconv.FormatInt(d.Milliseconds(), 10)
+	}
+	return strings.Join(parts, " ")
+}
+
 func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call time.Duration, err error) {
 	name := fmt.Sprintf("new-%05d", s)
-	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port, -1-s); err != nil {
+	// A new service's container starts on one of the Docker hosts that run the others: its
+	// instance joins one of the world's nodes, in turn.
+	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port, s%w.nodes()); err != nil {
 		return 0, 0, err
 	}
 	q := url.Values{"serviceName": {name}, "servicePath": {servicePath(name)}}

@@ -204,6 +204,11 @@ func (w *world) registerInstances(ctx context.Context) error {
 	})
 }
 
+// nodes is the number of catalog nodes that the world's services were registered on.
+func (w *world) nodes() int {
+	return (w.n + servicesPerNode - 1) / servicesPerNode
+}
+
 func (w *world) register(ctx context.Context, service, id, addr string, port, node int) error {
 	reg := &capi.CatalogRegistration{
 		Node: fmt.Sprintf("bench-node-%d", node), Address: "127.0.0.1", SkipNodeUpdate: true,
