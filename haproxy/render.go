@@ -28,6 +28,8 @@ type Settings struct {
 	HasCerts  bool
 	// StatsSocket is the runtime API socket (level admin), used to change servers without a reload.
 	StatsSocket string
+	// Threads is HAProxy's nbthread: 0 leaves HAProxy's default, a thread per CPU it may run on.
+	Threads int
 	// HardStopAfter bounds how long an old worker keeps serving its connections after a reload.
 	HardStopAfter  time.Duration
 	ConnectTimeout time.Duration
@@ -54,6 +56,9 @@ type Settings struct {
 // that many new plain routes in a row are served without waiting for a reload (at 10,000 routes a
 // reload takes a second or more). An empty backend costs HAProxy a few kilobytes.
 const DefaultSpareBackends = 64
+
+// MaxThreads is the most threads HAProxy 2.6 runs in one thread group (Settings.Threads).
+const MaxThreads = 64
 
 // SparePrefix names the spare backends. A route's backend always ends in "-be" or "-be-<suffix>",
 // so no route can take one of these names.
@@ -104,6 +109,9 @@ func Render(s Settings, backends []route.Backend) []byte {
 	}
 	if s.HardStopAfter > 0 {
 		w("    hard-stop-after %s", duration(s.HardStopAfter))
+	}
+	if s.Threads > 0 {
+		w("    nbthread %d", s.Threads)
 	}
 	w("")
 	w("defaults")

@@ -35,6 +35,7 @@ func caseSettings(name string, s Settings) Settings {
 		s.Users = []route.User{{Name: "admin", Password: "clear-text"}, {Name: "ops", Password: routetest.Hash}}
 	case "stats":
 		s.StatsPort, s.StatsUser = 9100, &route.User{Name: "admin", Password: "stats-secret"}
+		s.Threads = 2
 	case "maps":
 		if s.MapsDir == "" {
 			s.MapsDir = "/run/dfp/maps"

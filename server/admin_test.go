@@ -2,9 +2,11 @@ package server
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +14,7 @@ import (
 
 	capi "github.com/hashicorp/consul/api"
 
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 )
 
@@ -93,5 +96,40 @@ func TestStatsPortWithoutPasswordIsRefused(t *testing.T) {
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
 	if err == nil || !strings.Contains(err.Error(), "password") {
 		t.Fatalf("a stats port without a password: %v, want a refusal", err)
+	}
+}
+
+// HAProxy runs the threads asked for (HAPROXY_THREADS), and serves with them; a number HAProxy
+// cannot run is refused at start.
+func TestHAProxyThreads(t *testing.T) {
+	e := newEnv(t)
+	e.backend("books-ms", "books-1")
+	// Not HAProxy's default (a thread per CPU), so that the setting shows.
+	threads := runtime.NumCPU()%haproxy.MaxThreads + 1
+	p := e.startProxyWith("docker-flow", func(c *Config) { c.HAProxyThreads = threads })
+	p.reconfigure(t, booksQuery)
+	if code, body := get(t, p.http+"/api/v1/books", nil); code != http.StatusOK || !strings.HasPrefix(body, "books-1") {
+		t.Fatalf("through HAProxy: %d %q", code, body)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info, err := p.HAProxy().ShowProc(ctx)
+	if err != nil || len(info.Workers) == 0 {
+		t.Fatalf("show proc: %+v %v", info, err)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", info.Workers[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := fmt.Sprintf("\nThreads:\t%d\n", threads); !strings.Contains(string(status), want) {
+		t.Fatalf("HAProxy's worker does not run %d threads:\n%s", threads, status)
+	}
+
+	_, err = Start(ctx, Config{ConsulAddresses: []string{e.consul.Addr}, BindAddress: "127.0.0.1",
+		HTTPPort: testenv.FreePort(t), APIPort: testenv.FreePort(t), ConfigDir: t.TempDir(),
+		HAProxyBin: testenv.HAProxyBin(t), HAProxyThreads: haproxy.MaxThreads + 1,
+		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
+	if err == nil || !strings.Contains(err.Error(), "haproxy threads") {
+		t.Fatalf("%d threads: %v, want a refusal naming the threads", haproxy.MaxThreads+1, err)
 	}
 }

@@ -67,7 +67,9 @@ type Config struct {
 	// runtime API, before the reload that gives them their own (0: the default,
 	// haproxy.DefaultSpareBackends; negative: none, every new route waits for a reload).
 	SpareBackends int
-	Logger        *slog.Logger
+	// HAProxyThreads is HAProxy's number of threads (nbthread; 0: HAProxy's default, one per CPU).
+	HAProxyThreads int
+	Logger         *slog.Logger
 }
 
 // Server is a running docker-flow-proxy.
@@ -108,6 +110,9 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("users: %w", err)
 	}
+	if cfg.HAProxyThreads < 0 || cfg.HAProxyThreads > haproxy.MaxThreads {
+		return nil, fmt.Errorf("haproxy threads: %d is not between 0 (HAProxy's default) and %d", cfg.HAProxyThreads, haproxy.MaxThreads)
+	}
 	var statsUser *route.User
 	if cfg.StatsPort > 0 {
 		if cfg.StatsUser == "" || cfg.StatsPass == "" {
@@ -136,6 +141,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.StatsSocket = filepath.Join(cfg.ConfigDir, "haproxy.sock")
 	settings.MapsDir = filepath.Join(cfg.ConfigDir, "maps")
 	settings.Users = users
+	settings.Threads = cfg.HAProxyThreads
 	if cfg.SpareBackends != 0 {
 		settings.SpareBackends = max(0, cfg.SpareBackends)
 	}

@@ -50,6 +50,9 @@ type Config struct {
 	// SkipCheck routes the services without HAProxy health checks (see the README: with checks,
 	// HAProxy probes every instance every 2 s).
 	SkipCheck bool
+	// HAProxyThreads is the server's HAProxy threads for items 1, 3 and 4 (--haproxy-threads; 0:
+	// HAProxy's default, one per CPU).
+	HAProxyThreads int
 	// StartupWait bounds a replica's start-up (the server's StartupTimeout and the wait until it
 	// serves every route).
 	StartupWait time.Duration

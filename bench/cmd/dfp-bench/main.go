@@ -42,6 +42,7 @@ func run() int {
 	connections := flag.Int("connections", d.Connections, "item 3: keep-alive connections (item 4 uses a quarter)")
 	churnDuration := flag.Duration("churn-duration", d.ChurnDuration, "item 4: length of the run")
 	churnRate := flag.Int("churn-rate", d.ChurnRate, "item 4: reconfigure calls per second")
+	threads := flag.Int("haproxy-threads", 0, "items 1, 3 and 4: the server's HAProxy threads (0: HAProxy's default, one per CPU)")
 	check := flag.Bool("check", false, "route the services with HAProxy health checks (default: skipCheck)")
 	noPhases := flag.Bool("no-phases", false, "do not time the steps of a change at the largest size")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of item 1 at the largest size to this file")
@@ -88,6 +89,7 @@ func run() int {
 	pickD("rps-duration", *rpsDuration, &cfg.RPSDuration)
 	pickD("churn-duration", *churnDuration, &cfg.ChurnDuration)
 	cfg.SkipCheck = !*check
+	cfg.HAProxyThreads = *threads
 	cfg.Phases = !*noPhases
 	cfg.CPUProfile = *cpuProfile
 	cfg.Wrk = *wrk
