@@ -1,6 +1,8 @@
 package haproxy
 
 import (
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
@@ -14,6 +16,8 @@ func BenchmarkRender10000(b *testing.B) {
 	for i := range bs {
 		bs[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
 	}
+	// In the order of names, as the controller hands them over.
+	slices.SortFunc(bs, func(a, b route.Backend) int { return strings.Compare(a.Route.ServiceName, b.Route.ServiceName) })
 	for b.Loop() {
 		Render(s, bs)
 	}
