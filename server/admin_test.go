@@ -88,12 +88,7 @@ func TestStatsPageAndPrometheusExporterNeedCredentials(t *testing.T) {
 
 func TestStatsPortWithoutPasswordIsRefused(t *testing.T) {
 	e := newEnv(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	_, err := Start(ctx, Config{ConsulAddresses: []string{e.consul.Addr}, BindAddress: "127.0.0.1",
-		HTTPPort: testenv.FreePort(t), APIPort: testenv.FreePort(t), ConfigDir: t.TempDir(),
-		HAProxyBin: testenv.HAProxyBin(t), StatsPort: testenv.FreePort(t), StatsUser: "admin",
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
+	err := e.startError(func(c *Config) { c.StatsPort, c.StatsUser = testenv.FreePort(t), "admin" })
 	if err == nil || !strings.Contains(err.Error(), "password") {
 		t.Fatalf("a stats port without a password: %v, want a refusal", err)
 	}
@@ -125,11 +120,25 @@ func TestHAProxyThreads(t *testing.T) {
 		t.Fatalf("HAProxy's worker does not run %d threads:\n%s", threads, status)
 	}
 
-	_, err = Start(ctx, Config{ConsulAddresses: []string{e.consul.Addr}, BindAddress: "127.0.0.1",
-		HTTPPort: testenv.FreePort(t), APIPort: testenv.FreePort(t), ConfigDir: t.TempDir(),
-		HAProxyBin: testenv.HAProxyBin(t), HAProxyThreads: haproxy.MaxThreads + 1,
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
+	err = e.startError(func(c *Config) { c.HAProxyThreads = haproxy.MaxThreads + 1 })
 	if err == nil || !strings.Contains(err.Error(), "haproxy threads") {
 		t.Fatalf("%d threads: %v, want a refusal naming the threads", haproxy.MaxThreads+1, err)
 	}
+}
+
+// startError starts a server with a config that edit spoils, and returns the error Start gives.
+func (e *env) startError(edit func(*Config)) error {
+	e.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := Config{ConsulAddresses: []string{e.consul.Addr}, BindAddress: "127.0.0.1",
+		HTTPPort: testenv.FreePort(e.t), APIPort: testenv.FreePort(e.t), ConfigDir: e.t.TempDir(),
+		HAProxyBin: testenv.HAProxyBin(e.t),
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))}
+	edit(&cfg)
+	s, err := Start(ctx, cfg)
+	if err == nil {
+		_ = s.Stop(ctx)
+	}
+	return err
 }
