@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -34,6 +35,9 @@ type Client struct {
 	current atomic.Int64 // index in agents of the agent that answered last
 	logger  *slog.Logger
 	timeout time.Duration // per request and agent
+
+	filteredMu sync.Mutex
+	filtered   map[string]time.Time // endpoint -> when an answer's filtering by ACLs was last logged
 }
 
 type agent struct {
@@ -70,7 +74,7 @@ func New(addresses []string, logger *slog.Logger) (*Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("consul agent %s: %w", a, err)
 		}
-		hc.Transport = bodySink{base: serverErrorTransport{base: hc.Transport}}
+		hc.Transport = bodySink{base: aclFilterTransport{base: serverErrorTransport{base: hc.Transport}, filtered: c.filteredByACLs}}
 		cfg.HttpClient = hc
 		ac, err := api.NewClient(cfg)
 		if err != nil {
@@ -236,6 +240,56 @@ type serverError struct {
 
 func (e *serverError) Error() string {
 	return fmt.Sprintf("server error %s: %q", e.status, e.body)
+}
+
+// aclFilterTransport tells filtered about every answer that Consul's ACLs cut short: Consul drops
+// from a list what the token may not read (nodes, services, keys), with no error, and says so only
+// in a header. An instance on a node the token may not read is then missing from its route.
+type aclFilterTransport struct {
+	base     http.RoundTripper
+	filtered func(path string)
+}
+
+func (t aclFilterTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := t.base.RoundTrip(req)
+	if err == nil && resp.Header.Get("X-Consul-Results-Filtered-By-ACLs") == "true" {
+		t.filtered(req.URL.Path)
+	}
+	return resp, err
+}
+
+// filteredLogEvery is how often an answer cut short by ACLs is logged, per endpoint: the watches
+// read the same endpoints again after every change.
+const filteredLogEvery = 10 * time.Minute
+
+// filteredByACLs logs, at most once per filteredLogEvery and endpoint, that Consul's ACLs hid part
+// of an answer from the proxy's token (CONSUL_HTTP_TOKEN).
+func (c *Client) filteredByACLs(path string) {
+	endpoint := endpointOf(path)
+	now := time.Now()
+	c.filteredMu.Lock()
+	last, seen := c.filtered[endpoint]
+	if seen && now.Sub(last) < filteredLogEvery {
+		c.filteredMu.Unlock()
+		return
+	}
+	if c.filtered == nil {
+		c.filtered = map[string]time.Time{}
+	}
+	c.filtered[endpoint] = now
+	c.filteredMu.Unlock()
+	c.logger.Warn("consul: its ACLs hide part of an answer from the proxy's token; routes may miss instances or settings: grant the token node, service and key read (CONSUL_HTTP_TOKEN)",
+		"endpoint", endpoint)
+}
+
+// endpointOf is a request path without the name a catalog or health endpoint takes
+// (/v1/catalog/node-services/<node> is /v1/catalog/node-services/), so that it names few endpoints.
+func endpointOf(path string) string {
+	parts := strings.SplitN(path, "/", 5) // "", "v1", "catalog", "node-services", "<node>"
+	if len(parts) == 5 && (parts[2] == "catalog" || parts[2] == "health") {
+		return strings.Join(parts[:4], "/") + "/"
+	}
+	return path
 }
 
 type serverErrorTransport struct{ base http.RoundTripper }

@@ -23,6 +23,8 @@ type Consul struct {
 	t    testing.TB
 	bin  string
 	Addr string // host:port of the HTTP API
+	// Token is sent with the helpers' requests: the management token of an agent with ACLs.
+	Token string
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd
@@ -34,17 +36,29 @@ type Consul struct {
 // The agent is stopped when the test ends.
 func StartConsul(t testing.TB) *Consul {
 	t.Helper()
-	return startConsul(t, "-dev")
+	return startConsul(t, "", "-dev")
+}
+
+// ManagementToken is the management token of the agents StartConsulACL starts.
+const ManagementToken = "dfp-test-management"
+
+// StartConsulACL starts `consul agent -dev` with ACLs on, denying whatever a token is not granted;
+// ManagementToken may do everything (the helpers send it).
+func StartConsulACL(t testing.TB) *Consul {
+	t.Helper()
+	hcl := fmt.Sprintf(`acl { enabled = true, default_policy = "deny", tokens { initial_management = %q, agent = %q } }`,
+		ManagementToken, ManagementToken)
+	return startConsul(t, ManagementToken, "-dev", "-hcl", hcl)
 }
 
 // StartConsulServer starts a single Consul server that keeps its data in a folder, so that it comes
 // back from Stop and Start with its catalog and KV, as a production cluster does.
 func StartConsulServer(t testing.TB) *Consul {
 	t.Helper()
-	return startConsul(t, "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir())
+	return startConsul(t, "", "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir())
 }
 
-func startConsul(t testing.TB, mode ...string) *Consul {
+func startConsul(t testing.TB, token string, mode ...string) *Consul {
 	t.Helper()
 	bin := ConsulBin(t)
 	// A free port may be taken by another listener or connection of the machine between
@@ -53,7 +67,7 @@ func startConsul(t testing.TB, mode ...string) *Consul {
 	for attempt := 1; ; attempt++ {
 		ports := FreePorts(t, 4)
 		httpPort := ports[0]
-		c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort)}
+		c := &Consul{t: t, bin: bin, Addr: "127.0.0.1:" + strconv.Itoa(httpPort), Token: token}
 		c.args = append(append([]string{"agent"}, mode...),
 			"-bind", "127.0.0.1", "-client", "127.0.0.1", "-node", ConsulNode, "-log-level", "warn",
 			"-http-port", strconv.Itoa(httpPort),
@@ -183,6 +197,7 @@ func (c *Consul) get(ctx context.Context, path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	c.authorize(req)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
@@ -194,6 +209,13 @@ func (c *Consul) get(ctx context.Context, path string) ([]byte, error) {
 		return nil, fmt.Errorf("GET %s: %s", path, resp.Status)
 	}
 	return b.Bytes(), nil
+}
+
+// authorize adds the agent's token, if any, to a request.
+func (c *Consul) authorize(req *http.Request) {
+	if c.Token != "" {
+		req.Header.Set("X-Consul-Token", c.Token)
+	}
 }
 
 // RegisterService registers an instance of a service in the agent's catalog, with no health check
@@ -219,6 +241,7 @@ func (c *Consul) Put(path, body string) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
+	c.authorize(req)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		c.t.Fatalf("PUT %s: %v", path, err)
