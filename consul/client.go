@@ -53,7 +53,7 @@ func New(addresses []string, logger *slog.Logger) (*Client, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	c := &Client{logger: logger, timeout: DefaultRequestTimeout}
+	c := &Client{logger: logger, timeout: DefaultRequestTimeout, filtered: map[string]time.Time{}}
 	for _, a := range addresses {
 		a = strings.TrimSpace(a)
 		if a == "" {
@@ -269,15 +269,14 @@ func (c *Client) filteredByACLs(path string) {
 	now := time.Now()
 	c.filteredMu.Lock()
 	last, seen := c.filtered[endpoint]
-	if seen && now.Sub(last) < filteredLogEvery {
-		c.filteredMu.Unlock()
+	due := !seen || now.Sub(last) >= filteredLogEvery
+	if due {
+		c.filtered[endpoint] = now
+	}
+	c.filteredMu.Unlock()
+	if !due {
 		return
 	}
-	if c.filtered == nil {
-		c.filtered = map[string]time.Time{}
-	}
-	c.filtered[endpoint] = now
-	c.filteredMu.Unlock()
 	c.logger.Warn("consul: its ACLs hide part of an answer from the proxy's token; routes may miss instances or settings: grant the token node, service and key read (CONSUL_HTTP_TOKEN)",
 		"endpoint", endpoint)
 }

@@ -306,7 +306,7 @@ func (s *Server) HAProxyRunning() bool { return s.haproxy.Running() }
 func (s *Server) ConsulPing(ctx context.Context) error {
 	err := s.consul.Ping(ctx)
 	if _, since := s.outage.get(); err != nil && !since.IsZero() {
-		return fmt.Errorf("since %s: %w", since.UTC().Format(time.RFC3339), err)
+		return sinceErr(since, err)
 	}
 	return err
 }
@@ -316,9 +316,14 @@ func (s *Server) ConsulPing(ctx context.Context) error {
 // address, one endpoint failing): the proxy then serves a state that may be behind the catalog.
 func (s *Server) ConsulFollowed() error {
 	if err, since := s.outage.get(); err != nil {
-		return fmt.Errorf("since %s: %w", since.UTC().Format(time.RFC3339), err)
+		return sinceErr(since, err)
 	}
 	return nil
+}
+
+// sinceErr is err of an outage that began at since, as the health endpoint says it.
+func sinceErr(since time.Time, err error) error {
+	return fmt.Errorf("since %s: %w", since.UTC().Format(time.RFC3339), err)
 }
 
 // Stop stops the API, then HAProxy, bounded by ctx.
