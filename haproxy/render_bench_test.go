@@ -1,6 +1,7 @@
 package haproxy
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -8,17 +9,60 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
-// BenchmarkRender10000 renders the config of 10,000 plain routes of three instances each.
-func BenchmarkRender10000(b *testing.B) {
-	s := testSettings()
-	s.MapsDir = "/run/dfp/maps"
+// routes10000 are 10,000 plain routes of three instances each, in the order of names, as the
+// controller hands them over.
+func routes10000() []route.Backend {
 	bs := plainRoutes(10000)
 	for i := range bs {
 		bs[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
 	}
-	// In the order of names, as the controller hands them over.
 	slices.SortFunc(bs, func(a, b route.Backend) int { return strings.Compare(a.Route.ServiceName, b.Route.ServiceName) })
+	return bs
+}
+
+// BenchmarkRender10000 renders the config of 10,000 plain routes of three instances each, whole.
+func BenchmarkRender10000(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	bs := routes10000()
 	for b.Loop() {
 		Render(s, bs)
+	}
+}
+
+// BenchmarkRendererChange10000 renders the same table through a Renderer after a change of one
+// route's instances, as the controller does after each change: only that route's backend is
+// written again.
+func BenchmarkRendererChange10000(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	bs := routes10000()
+	var r Renderer
+	r.Render(s, bs)
+	i := 0
+	for b.Loop() {
+		k := i % len(bs)
+		bs[k].Instances = append(slices.Clone(bs[k].Instances[:2]), route.Instance{Address: "10.0.0.4", Port: i})
+		r.Render(s, bs)
+		i++
+	}
+}
+
+// BenchmarkRendererNewRoute10000 renders through a Renderer a table of 10,000 routes to which each
+// render adds a route (the one before is left out): the frontend and the maps are written again,
+// the backends of the other routes are not.
+func BenchmarkRendererNewRoute10000(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	bs := routes10000()
+	var r Renderer
+	r.Render(s, bs)
+	i := 0
+	for b.Loop() {
+		name := fmt.Sprintf("new-%d", i)
+		// "new-" comes before "svc-": the table stays in the order of names, as the controller gives it.
+		added := append([]route.Backend{newRoute(name, []route.Instance{{Address: "10.0.1.1", Port: 80}}, "/"+name)}, bs...)
+		r.Render(s, added)
+		i++
 	}
 }

@@ -133,8 +133,9 @@ type Proxy struct {
 	log      *slog.Logger
 	obs      Observer
 
-	served    []byte    // the config of backends, rendered; nil when it must be rendered again
-	templates Templates // nil: routes that name a template are refused
+	served    []byte           // the config of backends, rendered; nil when it must be rendered again
+	renderer  haproxy.Renderer // renders whole configs, writing again only what changed since the last
+	templates Templates        // nil: routes that name a template are refused
 	static    map[string]route.EnvRoute
 
 	mu       sync.Mutex               // held while a batch of changes is applied
@@ -840,17 +841,25 @@ func (p *Proxy) checkPartLocked(next map[string]route.Backend, batch []*change) 
 			subset[c.service] = b
 		}
 	}
-	return p.renderLocked(subset)
+	// Rendered alone: through the Renderer, it would forget the other routes' text.
+	return haproxy.Render(p.settings, sortedList(subset))
 }
 
 func (p *Proxy) renderLocked(backends map[string]route.Backend) []byte {
-	// In the order of names, which Render then keeps as it is (sorting the names is cheaper than
-	// sorting the backends: 10,000 of them took some 20 ms a change).
+	// Through the Renderer, which writes again only the backends that changed and, when no route
+	// did, keeps the frontend and the maps: at 10,000 routes a change of instances renders in some
+	// 3 ms, a new route in 16, where the whole config takes 32. In the order of names, which the
+	// renderer keeps as it is (sorting the names is cheaper than sorting the backends).
+	return p.renderer.Render(p.settings, sortedList(backends))
+}
+
+// sortedList lists backends in the order of their names.
+func sortedList(backends map[string]route.Backend) []route.Backend {
 	list := make([]route.Backend, 0, len(backends))
 	for _, name := range slices.Sorted(maps.Keys(backends)) {
 		list = append(list, backends[name])
 	}
-	return haproxy.Render(p.settings, list)
+	return list
 }
 
 // timed runs a reload of HAProxy and tells the observer how it went and how long it took.

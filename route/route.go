@@ -193,6 +193,25 @@ func (r Route) ConsulService() string {
 // BackendName is the route's HAProxy backend.
 func (r Route) BackendName() string { return r.ServiceName + "-be" }
 
+// Clone returns a copy of the route that shares no slice with it.
+func (r Route) Clone() Route {
+	r.ServicePath = slices.Clone(r.ServicePath)
+	r.ServiceDomain = slices.Clone(r.ServiceDomain)
+	r.Users = slices.Clone(r.Users)
+	r.AddHeader = slices.Clone(r.AddHeader)
+	r.SetHeader = slices.Clone(r.SetHeader)
+	if r.Dests != nil {
+		dests := make([]Dest, len(r.Dests))
+		for i, d := range r.Dests {
+			d.ServicePath = slices.Clone(d.ServicePath)
+			d.ServiceDomain = slices.Clone(d.ServiceDomain)
+			dests[i] = d
+		}
+		r.Dests = dests
+	}
+	return r
+}
+
 // Equal reports whether two routes ask for the same thing.
 func (r Route) Equal(o Route) bool {
 	return r.ServiceName == o.ServiceName && r.ServiceColor == o.ServiceColor &&
