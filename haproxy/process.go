@@ -106,8 +106,9 @@ type Process struct {
 	stopped     bool
 	reloading   bool
 	restarts    int
-	ov          overlay     // names HAProxy serves under since it loaded cfg (UpdateServers)
-	consolidate *time.Timer // the reload that ends the overlay (consolidateLater)
+	ov          overlay      // names HAProxy serves under since it loaded cfg (UpdateServers)
+	parsed      parsedServed // cfg parsed, when the last UpdateServers served it
+	consolidate *time.Timer  // the reload that ends the overlay (consolidateLater)
 	reloadHook  func(time.Duration, error)
 }
 
@@ -375,7 +376,7 @@ func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry b
 	switch {
 	case err == nil && !rejected:
 		p.mu.Lock()
-		p.cfg = bytes.Clone(cfg)
+		p.cfg, p.parsed = bytes.Clone(cfg), parsedServed{}
 		p.ov = newOverlay(cfg)
 		p.uncertain = false
 		p.mu.Unlock()
@@ -596,7 +597,7 @@ func (p *Process) markUp(in *instance, cfg []byte, restart bool) bool {
 	close(p.up)
 	p.started = true
 	if cfg != nil {
-		p.cfg = bytes.Clone(cfg)
+		p.cfg, p.parsed = bytes.Clone(cfg), parsedServed{}
 	}
 	p.ov = newOverlay(p.cfg) // HAProxy loaded p.cfg, which is on disk
 	if restart {

@@ -82,7 +82,15 @@ func (d Delta) Empty() bool {
 func Diff(old, new []byte) (Delta, bool) {
 	o, ok1 := parseConfig(old)
 	n, ok2 := parseConfig(new)
-	if !ok1 || !ok2 || len(o.mapOrder) != len(n.mapOrder) {
+	if !ok1 || !ok2 {
+		return Delta{}, false
+	}
+	return diffParsed(&o, &n)
+}
+
+// diffParsed is Diff of configs parsed.
+func diffParsed(o, n *parsedConfig) (Delta, bool) {
+	if len(o.mapOrder) != len(n.mapOrder) {
 		return Delta{}, false
 	}
 	var d Delta
@@ -239,6 +247,21 @@ func find(ss []Server, name string) (Server, bool) {
 		}
 	}
 	return Server{}, false
+}
+
+// parsedServed is the config served, parsed by the update that made it served: the next update
+// compares its config with it without parsing the served one again (at 10,000 routes some 7 ms).
+type parsedServed struct {
+	cfg []byte // what pc was parsed from; never changed once set
+	pc  parsedConfig
+}
+
+// of returns the parse of cfg, if cfg is what it was parsed from.
+func (ps parsedServed) of(cfg []byte) (parsedConfig, bool) {
+	if ps.cfg == nil || !bytes.Equal(ps.cfg, cfg) {
+		return parsedConfig{}, false
+	}
+	return ps.pc, true
 }
 
 // parsedConfig is a config split into its lines, its backends (servers and other lines) and its maps.
@@ -449,7 +472,18 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	case in == nil || in.exited():
 		return Delta{}, fmt.Errorf("haproxy update servers: %w: haproxy is restarting", ErrNeedsReload)
 	}
-	delta, ok := Diff(old, cfg)
+	// The config served was parsed by the update that made it served, if one did.
+	p.mu.Lock()
+	o, oOK := p.parsed.of(old)
+	p.mu.Unlock()
+	if !oOK {
+		o, oOK = parseConfig(old)
+	}
+	n, nOK := parseConfig(cfg)
+	if !oOK || !nOK {
+		return Delta{}, fmt.Errorf("haproxy update servers: %w", ErrBeyondRuntime)
+	}
+	delta, ok := diffParsed(&o, &n)
 	if !ok {
 		return Delta{}, fmt.Errorf("haproxy update servers: %w", ErrBeyondRuntime)
 	}
@@ -510,6 +544,7 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	p.mu.Lock()
 	p.cfg = bytes.Clone(cfg)
 	p.ov = ov
+	p.parsed = parsedServed{cfg: p.cfg, pc: n}
 	p.mu.Unlock()
 	p.log.Info("haproxy changed without a reload", "servers_added", added, "servers_removed", removed,
 		"routes_added", len(delta.MapAdds), "spares_free", len(ov.free),
