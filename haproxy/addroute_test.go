@@ -361,3 +361,29 @@ func BenchmarkDiffAddedRoute(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDiffServedParsedAddedRoute is BenchmarkDiffAddedRoute as UpdateServers runs it after
+// an update: the served config is parsed already, the new one is parsed and compared.
+func BenchmarkDiffServedParsedAddedRoute(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	base := plainRoutes(10000)
+	for i := range base {
+		base[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
+	}
+	o, ok := parseConfig(Render(s, base))
+	if !ok {
+		b.Fatal("parseConfig refuses the config")
+	}
+	next := Render(s, append(base, newRoute("new", []route.Instance{{Address: "10.1.0.1", Port: 80}}, "/new")))
+	b.SetBytes(int64(len(next)))
+	for b.Loop() {
+		n, ok := parseConfig(next)
+		if !ok {
+			b.Fatal("parseConfig refuses the config")
+		}
+		if _, ok := diffParsed(&o, &n); !ok {
+			b.Fatal("Diff refuses the added route")
+		}
+	}
+}

@@ -66,3 +66,46 @@ func BenchmarkRendererNewRoute10000(b *testing.B) {
 		i++
 	}
 }
+
+// BenchmarkRendererTableChange10000 is BenchmarkRendererChange10000 with the table handed over as
+// the controller does: a map by service name, which the Renderer keeps in order.
+func BenchmarkRendererTableChange10000(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	table := map[string]route.Backend{}
+	for _, be := range routes10000() {
+		table[be.Route.ServiceName] = be
+	}
+	var r Renderer
+	r.RenderTable(s, table)
+	i := 0
+	for b.Loop() {
+		name := fmt.Sprintf("svc-%d", i%len(table))
+		be := table[name]
+		be.Instances = append(slices.Clone(be.Instances[:2]), route.Instance{Address: "10.0.0.4", Port: i})
+		table[name] = be
+		r.RenderTable(s, table)
+		i++
+	}
+}
+
+// BenchmarkRendererTableNewRoute10000 is BenchmarkRendererNewRoute10000 with the table handed over
+// as a map.
+func BenchmarkRendererTableNewRoute10000(b *testing.B) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	table := map[string]route.Backend{}
+	for _, be := range routes10000() {
+		table[be.Route.ServiceName] = be
+	}
+	var r Renderer
+	r.RenderTable(s, table)
+	i := 0
+	for b.Loop() {
+		name := fmt.Sprintf("new-%d", i)
+		table[name] = newRoute(name, []route.Instance{{Address: "10.0.1.1", Port: 80}}, "/"+name)
+		r.RenderTable(s, table)
+		delete(table, name)
+		i++
+	}
+}

@@ -23,6 +23,7 @@ import (
 type Renderer struct {
 	mu    sync.Mutex
 	texts map[string]*sectionsText // by service name
+	names []string                 // the service names of the last render, in order
 	gen   uint64                   // the number of the render
 	frame frame
 }
@@ -49,21 +50,84 @@ type frame struct {
 func (r *Renderer) Render(s Settings, backends []route.Backend) []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.prepareLocked(s)
 	bs := sortedBackends(backends)
-	settingsSame := r.frame.valid && reflect.DeepEqual(s, r.frame.settings)
-	if r.texts == nil || !slices.Equal(s.Users, r.frame.settings.Users) {
-		r.texts = map[string]*sectionsText{} // the sections depend on the server-wide users
-	}
-	f := r.frame
-	if !settingsSame || !f.holds(bs) {
-		f.head, f.tail = renderFrame(s, bs)
-	}
+	cfg := r.renderLocked(s, len(bs), func(i int) route.Backend { return bs[i] }, func() []route.Backend { return bs })
+	r.names = nil // a list may name a route twice: RenderTable sorts its table's names itself
+	return cfg
+}
 
+// RenderTable is Render of the backends of a table keyed by service name. The order of names is
+// kept from one render to the next: a table that differs from the last one in a few routes is not
+// sorted again, nor copied into a list unless the frame must be written again.
+func (r *Renderer) RenderTable(s Settings, table map[string]route.Backend) []byte {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.prepareLocked(s)
+	names := r.orderLocked(table)
+	list := func() []route.Backend {
+		bs := make([]route.Backend, len(names))
+		for i, name := range names {
+			bs[i] = table[name]
+		}
+		return bs
+	}
+	return r.renderLocked(s, len(names), func(i int) route.Backend { return table[names[i]] }, list)
+}
+
+// prepareLocked forgets the sections when the server-wide users, which they depend on, change.
+func (r *Renderer) prepareLocked(s Settings) {
+	if r.texts == nil || !slices.Equal(s.Users, r.frame.settings.Users) {
+		r.texts, r.names = map[string]*sectionsText{}, nil
+	}
+}
+
+// orderLocked returns the names of table in order: those of the last render that table holds, in
+// their order, merged with the others, sorted. The names of the last render are the keys of texts.
+func (r *Renderer) orderLocked(table map[string]route.Backend) []string {
+	kept := make([]string, 0, len(table))
+	for _, name := range r.names {
+		if _, ok := table[name]; ok {
+			kept = append(kept, name)
+		}
+	}
+	if len(kept) == len(table) {
+		return kept
+	}
+	var added []string
+	for name := range table {
+		if _, ok := r.texts[name]; !ok {
+			added = append(added, name)
+		}
+	}
+	if len(kept)+len(added) != len(table) {
+		return slices.Sorted(maps.Keys(table)) // texts and names disagree: never so far
+	}
+	slices.Sort(added)
+	merged := make([]string, 0, len(table))
+	for len(kept) > 0 && len(added) > 0 {
+		if kept[0] < added[0] {
+			merged, kept = append(merged, kept[0]), kept[1:]
+		} else {
+			merged, added = append(merged, added[0]), added[1:]
+		}
+	}
+	return append(append(merged, kept...), added...)
+}
+
+// renderLocked renders the n backends that at gives in the order of names; list returns them all,
+// for the frame when it must be written again.
+func (r *Renderer) renderLocked(s Settings, n int, at func(int) route.Backend, list func() []route.Backend) []byte {
+	f := r.frame
+	frameHolds := f.valid && reflect.DeepEqual(s, f.settings) && n == len(f.routes)
 	r.gen++
-	texts, frontends := make([]*sectionsText, len(bs)), make([]string, len(bs))
-	size := len(f.head) + len(f.tail)
-	for i, be := range bs {
+	texts, frontends, names := make([]*sectionsText, n), make([]string, n), make([]string, n)
+	size := 0
+	for i := range n {
+		be := at(i)
 		name := be.Route.ServiceName
+		// The frame holds while every route and frontend template is the one it was written for.
+		frameHolds = frameHolds && be.FrontendSnippet == f.frontends[i] && be.Route.Equal(f.routes[i].be.Route)
 		t, ok := r.texts[name]
 		if !ok || !sameSections(t.be, be) {
 			var sb bytes.Buffer
@@ -72,39 +136,29 @@ func (r *Renderer) Render(s Settings, backends []route.Backend) []byte {
 			r.texts[name] = t
 		}
 		t.gen = r.gen
-		texts[i], frontends[i] = t, be.FrontendSnippet
+		texts[i], frontends[i], names[i] = t, be.FrontendSnippet, name
 		size += len(t.text)
 	}
-	if len(r.texts) > len(bs) {
+	if len(r.texts) > n {
 		for name, t := range r.texts {
 			if t.gen != r.gen {
 				delete(r.texts, name)
 			}
 		}
 	}
+	if !frameHolds {
+		f.head, f.tail = renderFrame(s, list())
+	}
 
-	cfg := make([]byte, 0, size)
+	cfg := make([]byte, 0, size+len(f.head)+len(f.tail))
 	cfg = append(cfg, f.head...)
 	for _, t := range texts {
 		cfg = append(cfg, t.text...)
 	}
 	cfg = append(cfg, f.tail...)
 	r.frame = frame{settings: cloneSettings(s), routes: texts, frontends: frontends, head: f.head, tail: f.tail, valid: true}
+	r.names = names
 	return cfg
-}
-
-// holds reports whether the frame was written for the routes of bs (in the order of names) and
-// their frontend templates.
-func (f frame) holds(bs []route.Backend) bool {
-	if len(bs) != len(f.routes) {
-		return false
-	}
-	for i := range bs {
-		if bs[i].FrontendSnippet != f.frontends[i] || !bs[i].Route.Equal(f.routes[i].be.Route) {
-			return false
-		}
-	}
-	return true
 }
 
 // sameSections reports whether writeSections writes the same for a and b (with the same users).

@@ -101,7 +101,8 @@ func TestRendererFollowsRandomChanges(t *testing.T) {
 	s := testSettings()
 	s.MapsDir = "/run/dfp/maps"
 	s.SpareBackends = 2
-	var r Renderer
+	// One renderer is given lists, one tables, one both in turn.
+	var byList, byTable, mixed Renderer
 	table := map[string]route.Backend{}
 	for step := 0; step < 300; step++ {
 		for range 1 + rng.IntN(4) {
@@ -127,8 +128,14 @@ func TestRendererFollowsRandomChanges(t *testing.T) {
 		for _, b := range table {
 			bs = append(bs, b)
 		}
-		if got, want := r.Render(s, bs), Render(s, bs); string(got) != string(want) {
-			t.Fatalf("step %d: the Renderer wrote\n%s\nwhere Render writes\n%s", step, got, want)
+		want := Render(s, bs)
+		for what, got := range map[string][]byte{
+			"list": byList.Render(s, bs), "table": byTable.RenderTable(s, table),
+			"list after a table": mixed.Render(s, bs), "table after a list": mixed.RenderTable(s, table),
+		} {
+			if string(got) != string(want) {
+				t.Fatalf("step %d: the Renderer given a %s wrote\n%s\nwhere Render writes\n%s", step, what, got, want)
+			}
 		}
 	}
 }

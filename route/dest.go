@@ -78,6 +78,20 @@ func (r Route) Destinations() []Dest {
 	return append(out, r.Dests...)
 }
 
+// TakesPort reports whether a destination of the route is TCP or SNI: one that takes a source port
+// of the proxy. It is Destinations' answer without making the list.
+func (r Route) TakesPort() bool {
+	if r.hasDest0() && (Dest{ReqMode: r.ReqMode}).Mode() != ModeHTTP {
+		return true
+	}
+	for _, d := range r.Dests {
+		if d.Mode() != ModeHTTP {
+			return true
+		}
+	}
+	return false
+}
+
 // hasDest0 reports whether the unindexed parameters make a destination: a path or a source port.
 func (r Route) hasDest0() bool { return len(r.ServicePath) > 0 || r.SrcPort != 0 }
 

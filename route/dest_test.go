@@ -3,6 +3,7 @@ package route
 import (
 	"net/url"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -60,5 +61,29 @@ func TestOriginalTemplateKeysAreRead(t *testing.T) {
 	r, err := FromKV("books-ms", map[string]string{"path": "/api", "consultemplatefepath": "fe.tmpl", "consultemplatebepath": "be.tmpl"})
 	if err != nil || r.TemplateFePath != "fe.tmpl" || r.TemplateBePath != "be.tmpl" {
 		t.Fatalf("FromKV = %+v, %v", r, err)
+	}
+}
+
+// TakesPort agrees with the modes of Destinations.
+func TestTakesPortAgreesWithDestinations(t *testing.T) {
+	for _, query := range []string{
+		"serviceName=a&servicePath=/a",
+		"serviceName=a&servicePath=/a&servicePath.1=/b&port.1=9000",
+		"serviceName=a&reqMode=tcp&srcPort=6379",
+		"serviceName=a&servicePath=/a&reqMode.1=tcp&srcPort.1=6379&port.1=6379",
+		"serviceName=tls&reqMode=sni&srcPort=8443&serviceDomain=a.test",
+	} {
+		q, err := url.ParseQuery(query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := FromQuery(q)
+		if err != nil {
+			t.Fatalf("%s: %v", query, err)
+		}
+		want := slices.ContainsFunc(r.Destinations(), func(d Dest) bool { return d.Mode() != ModeHTTP })
+		if got := r.TakesPort(); got != want {
+			t.Errorf("%s: TakesPort() = %v, want %v", query, got, want)
+		}
 	}
 }
