@@ -348,10 +348,7 @@ func (l *pathLoad) stop() int64 {
 func BenchmarkDiffAddedRoute(b *testing.B) {
 	s := testSettings()
 	s.MapsDir = "/run/dfp/maps"
-	base := plainRoutes(10000)
-	for i := range base {
-		base[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
-	}
+	base := routes10000()
 	old := Render(s, base)
 	next := Render(s, append(base, newRoute("new", []route.Instance{{Address: "10.1.0.1", Port: 80}}, "/new")))
 	b.SetBytes(int64(len(next)))
@@ -367,10 +364,7 @@ func BenchmarkDiffAddedRoute(b *testing.B) {
 func BenchmarkDiffServedParsedAddedRoute(b *testing.B) {
 	s := testSettings()
 	s.MapsDir = "/run/dfp/maps"
-	base := plainRoutes(10000)
-	for i := range base {
-		base[i].Instances = []route.Instance{{Address: "10.0.0.1", Port: 1000 + i}, {Address: "10.0.0.2", Port: 1000 + i}, {Address: "10.0.0.3", Port: 1000 + i}}
-	}
+	base := routes10000()
 	o, ok := parseConfig(Render(s, base))
 	if !ok {
 		b.Fatal("parseConfig refuses the config")

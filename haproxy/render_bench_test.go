@@ -70,14 +70,7 @@ func BenchmarkRendererNewRoute10000(b *testing.B) {
 // BenchmarkRendererTableChange10000 is BenchmarkRendererChange10000 with the table handed over as
 // the controller does: a map by service name, which the Renderer keeps in order.
 func BenchmarkRendererTableChange10000(b *testing.B) {
-	s := testSettings()
-	s.MapsDir = "/run/dfp/maps"
-	table := map[string]route.Backend{}
-	for _, be := range routes10000() {
-		table[be.Route.ServiceName] = be
-	}
-	var r Renderer
-	r.RenderTable(s, table)
+	s, table, r := rendered10000()
 	i := 0
 	for b.Loop() {
 		name := fmt.Sprintf("svc-%d", i%len(table))
@@ -92,14 +85,7 @@ func BenchmarkRendererTableChange10000(b *testing.B) {
 // BenchmarkRendererTableNewRoute10000 is BenchmarkRendererNewRoute10000 with the table handed over
 // as a map.
 func BenchmarkRendererTableNewRoute10000(b *testing.B) {
-	s := testSettings()
-	s.MapsDir = "/run/dfp/maps"
-	table := map[string]route.Backend{}
-	for _, be := range routes10000() {
-		table[be.Route.ServiceName] = be
-	}
-	var r Renderer
-	r.RenderTable(s, table)
+	s, table, r := rendered10000()
 	i := 0
 	for b.Loop() {
 		name := fmt.Sprintf("new-%d", i)
@@ -108,4 +94,17 @@ func BenchmarkRendererTableNewRoute10000(b *testing.B) {
 		delete(table, name)
 		i++
 	}
+}
+
+// rendered10000 is routes10000 as a table, rendered once through a Renderer.
+func rendered10000() (Settings, map[string]route.Backend, *Renderer) {
+	s := testSettings()
+	s.MapsDir = "/run/dfp/maps"
+	table := map[string]route.Backend{}
+	for _, be := range routes10000() {
+		table[be.Route.ServiceName] = be
+	}
+	r := &Renderer{}
+	r.RenderTable(s, table)
+	return s, table, r
 }
