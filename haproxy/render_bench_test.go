@@ -30,45 +30,9 @@ func BenchmarkRender10000(b *testing.B) {
 	}
 }
 
-// BenchmarkRendererChange10000 renders the same table through a Renderer after a change of one
-// route's instances, as the controller does after each change: only that route's backend is
-// written again.
-func BenchmarkRendererChange10000(b *testing.B) {
-	s := testSettings()
-	s.MapsDir = "/run/dfp/maps"
-	bs := routes10000()
-	var r Renderer
-	r.Render(s, bs)
-	i := 0
-	for b.Loop() {
-		k := i % len(bs)
-		bs[k].Instances = append(slices.Clone(bs[k].Instances[:2]), route.Instance{Address: "10.0.0.4", Port: i})
-		r.Render(s, bs)
-		i++
-	}
-}
-
-// BenchmarkRendererNewRoute10000 renders through a Renderer a table of 10,000 routes to which each
-// render adds a route (the one before is left out): the frontend and the maps are written again,
-// the backends of the other routes are not.
-func BenchmarkRendererNewRoute10000(b *testing.B) {
-	s := testSettings()
-	s.MapsDir = "/run/dfp/maps"
-	bs := routes10000()
-	var r Renderer
-	r.Render(s, bs)
-	i := 0
-	for b.Loop() {
-		name := fmt.Sprintf("new-%d", i)
-		// "new-" comes before "svc-": the table stays in the order of names, as the controller gives it.
-		added := append([]route.Backend{newRoute(name, []route.Instance{{Address: "10.0.1.1", Port: 80}}, "/"+name)}, bs...)
-		r.Render(s, added)
-		i++
-	}
-}
-
-// BenchmarkRendererTableChange10000 is BenchmarkRendererChange10000 with the table handed over as
-// the controller does: a map by service name, which the Renderer keeps in order.
+// BenchmarkRendererTableChange10000 renders a table of 10,000 routes through a Renderer after a
+// change of one route's instances, as the controller does after each change: only that route's
+// backend is written again.
 func BenchmarkRendererTableChange10000(b *testing.B) {
 	s, table, r := rendered10000()
 	i := 0
@@ -82,8 +46,9 @@ func BenchmarkRendererTableChange10000(b *testing.B) {
 	}
 }
 
-// BenchmarkRendererTableNewRoute10000 is BenchmarkRendererNewRoute10000 with the table handed over
-// as a map.
+// BenchmarkRendererTableNewRoute10000 renders through a Renderer a table of 10,000 routes to which
+// each render adds a route (the one before is left out): the frontend and the maps are written
+// again, the backends of the other routes are not.
 func BenchmarkRendererTableNewRoute10000(b *testing.B) {
 	s, table, r := rendered10000()
 	i := 0

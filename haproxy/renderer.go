@@ -45,34 +45,16 @@ type frame struct {
 	valid      bool
 }
 
-// Render returns the config of s and backends, as Render(s, backends). It keeps the sections of
-// these backends only: those of routes left out are forgotten.
-func (r *Renderer) Render(s Settings, backends []route.Backend) []byte {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.prepareLocked(s)
-	bs := sortedBackends(backends)
-	cfg := r.renderLocked(s, len(bs), func(i int) route.Backend { return bs[i] }, func() []route.Backend { return bs })
-	r.names = nil // a list may name a route twice: RenderTable sorts its table's names itself
-	return cfg
-}
-
-// RenderTable is Render of the backends of a table keyed by service name. The order of names is
+// RenderTable returns the config of s and the backends of a table keyed by service name, as
+// Render(s, backends) does. It keeps the sections of these backends only: those of routes left out
+// are forgotten. The order of names is
 // kept from one render to the next: a table that differs from the last one in a few routes is not
 // sorted again, nor copied into a list unless the frame must be written again.
 func (r *Renderer) RenderTable(s Settings, table map[string]route.Backend) []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.prepareLocked(s)
-	names := r.orderLocked(table)
-	list := func() []route.Backend {
-		bs := make([]route.Backend, len(names))
-		for i, name := range names {
-			bs[i] = table[name]
-		}
-		return bs
-	}
-	return r.renderLocked(s, len(names), func(i int) route.Backend { return table[names[i]] }, list)
+	return r.renderLocked(s, table, r.orderLocked(table))
 }
 
 // prepareLocked forgets the sections when the server-wide users, which they depend on, change.
@@ -115,17 +97,16 @@ func (r *Renderer) orderLocked(table map[string]route.Backend) []string {
 	return append(append(merged, kept...), added...)
 }
 
-// renderLocked renders the n backends that at gives in the order of names; list returns them all,
-// for the frame when it must be written again.
-func (r *Renderer) renderLocked(s Settings, n int, at func(int) route.Backend, list func() []route.Backend) []byte {
+// renderLocked renders the backends of table in the order of names.
+func (r *Renderer) renderLocked(s Settings, table map[string]route.Backend, names []string) []byte {
+	n := len(names)
 	f := r.frame
 	frameHolds := f.valid && reflect.DeepEqual(s, f.settings) && n == len(f.routes)
 	r.gen++
-	texts, frontends, names := make([]*sectionsText, n), make([]string, n), make([]string, n)
+	texts, frontends := make([]*sectionsText, n), make([]string, n)
 	size := 0
-	for i := range n {
-		be := at(i)
-		name := be.Route.ServiceName
+	for i, name := range names {
+		be := table[name]
 		// The frame holds while every route and frontend template is the one it was written for.
 		frameHolds = frameHolds && be.FrontendSnippet == f.frontends[i] && be.Route.Equal(f.routes[i].be.Route)
 		t, ok := r.texts[name]
@@ -136,7 +117,7 @@ func (r *Renderer) renderLocked(s Settings, n int, at func(int) route.Backend, l
 			r.texts[name] = t
 		}
 		t.gen = r.gen
-		texts[i], frontends[i], names[i] = t, be.FrontendSnippet, name
+		texts[i], frontends[i] = t, be.FrontendSnippet
 		size += len(t.text)
 	}
 	if len(r.texts) > n {
@@ -147,7 +128,11 @@ func (r *Renderer) renderLocked(s Settings, n int, at func(int) route.Backend, l
 		}
 	}
 	if !frameHolds {
-		f.head, f.tail = renderFrame(s, list())
+		bs := make([]route.Backend, n)
+		for i, name := range names {
+			bs[i] = table[name]
+		}
+		f.head, f.tail = renderFrame(s, bs)
 	}
 
 	cfg := make([]byte, 0, size+len(f.head)+len(f.tail))

@@ -18,7 +18,7 @@ func TestRendererWritesWhatRenderWrites(t *testing.T) {
 	check := func(s Settings, bs []route.Backend, what string) {
 		t.Helper()
 		step++
-		got, want := r.Render(s, bs), Render(s, bs)
+		got, want := r.RenderTable(s, tableOf(bs)), Render(s, bs)
 		if string(got) != string(want) {
 			t.Fatalf("step %d (%s): the Renderer wrote\n%s\nwhere Render writes\n%s", step, what, got, want)
 		}
@@ -87,10 +87,10 @@ func TestRendererKeepsCopies(t *testing.T) {
 	var r Renderer
 	s := testSettings()
 	bs := plainRoutes(3)
-	r.Render(s, bs)
+	r.RenderTable(s, tableOf(bs))
 	bs[1].Instances[0].Port = 81
 	bs[2].Route.ServicePath[0] = "/moved"
-	if got, want := r.Render(s, bs), Render(s, bs); string(got) != string(want) {
+	if got, want := r.RenderTable(s, tableOf(bs)), Render(s, bs); string(got) != string(want) {
 		t.Fatalf("after a change in place the Renderer wrote\n%s\nwhere Render writes\n%s", got, want)
 	}
 }
@@ -101,8 +101,7 @@ func TestRendererFollowsRandomChanges(t *testing.T) {
 	s := testSettings()
 	s.MapsDir = "/run/dfp/maps"
 	s.SpareBackends = 2
-	// One renderer is given lists, one tables, one both in turn.
-	var byList, byTable, mixed Renderer
+	var r Renderer
 	table := map[string]route.Backend{}
 	for step := 0; step < 300; step++ {
 		for range 1 + rng.IntN(4) {
@@ -128,14 +127,17 @@ func TestRendererFollowsRandomChanges(t *testing.T) {
 		for _, b := range table {
 			bs = append(bs, b)
 		}
-		want := Render(s, bs)
-		for what, got := range map[string][]byte{
-			"list": byList.Render(s, bs), "table": byTable.RenderTable(s, table),
-			"list after a table": mixed.Render(s, bs), "table after a list": mixed.RenderTable(s, table),
-		} {
-			if string(got) != string(want) {
-				t.Fatalf("step %d: the Renderer given a %s wrote\n%s\nwhere Render writes\n%s", step, what, got, want)
-			}
+		if got, want := r.RenderTable(s, table), Render(s, bs); string(got) != string(want) {
+			t.Fatalf("step %d: the Renderer wrote\n%s\nwhere Render writes\n%s", step, got, want)
 		}
 	}
+}
+
+// tableOf keys backends by service name, as the controller's table.
+func tableOf(bs []route.Backend) map[string]route.Backend {
+	table := make(map[string]route.Backend, len(bs))
+	for _, b := range bs {
+		table[b.Route.ServiceName] = b
+	}
+	return table
 }
