@@ -67,6 +67,26 @@ func TestDiffAddedRoutes(t *testing.T) {
 			t.Fatal("diffServers accepts a new backend")
 		}
 	})
+	t.Run("a route by domain", func(t *testing.T) {
+		var hosts []route.Backend
+		for i, b := range base {
+			b.Route.ServiceDomain = []string{fmt.Sprintf("h%d.example.com", i)}
+			hosts = append(hosts, b)
+		}
+		oldHosts := Render(s, hosts)
+		r := newRoute("new", one, "/new")
+		r.Route.ServiceDomain = []string{"New.example.com", "new.example.org"}
+		next := Render(s, append(hosts, r))
+		d, ok := Diff(oldHosts, next)
+		if !ok {
+			t.Fatalf("Diff refuses a route by domain added to the map by host and path:\n%s", next)
+		}
+		m := mapUse.FindStringSubmatch(string(oldHosts))[1]
+		want := []MapAdd{{Map: m, Key: "new.example.com/new", Backend: "new-be"}, {Map: m, Key: "new.example.org/new", Backend: "new-be"}}
+		if !reflect.DeepEqual(d.MapAdds, want) || len(d.Backends) != 1 {
+			t.Fatalf("Diff = %+v\nwant the map adds %+v and one backend", d, want)
+		}
+	})
 	t.Run("two routes and a server of an existing one", func(t *testing.T) {
 		changed := append([]route.Backend{}, base...)
 		changed[2].Instances = append(changed[2].Instances, route.Instance{Address: "10.9.9.9", Port: 81})
@@ -379,5 +399,68 @@ func BenchmarkDiffServedParsedAddedRoute(b *testing.B) {
 		if _, ok := diffParsed(&o, &n); !ok {
 			b.Fatal("Diff refuses the added route")
 		}
+	}
+}
+
+// A route by domain added to a map by host and path is served at once, through the runtime API
+// with no reload, for its host in any case and with a port, and not for other hosts.
+func TestRouteByDomainAddedWithoutReload(t *testing.T) {
+	dir := t.TempDir()
+	s := DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
+	s.MapsDir = filepath.Join(dir, "maps")
+	s.SpareBackends = 2
+	var bs []route.Backend
+	byDomain := func(name string) route.Backend {
+		b := newRoute(name, []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}, "/")
+		b.Route.ServiceDomain = []string{name + ".example.com"}
+		return b
+	}
+	for i := 0; i < MinMapRoutes; i++ {
+		bs = append(bs, byDomain(fmt.Sprintf("svc-%d", i)))
+	}
+	// A plain route answers every other host.
+	bs = append(bs, newRoute("any", []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, "any")}}, "/"))
+	first := Render(s, bs)
+	if !strings.Contains(string(first), "var(txn.dfp_host_path),map_beg(") {
+		t.Fatalf("the routes by domain are not in a map:\n%s", first)
+	}
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
+	ctx := ctxFor(t, 60*time.Second)
+	if err := p.Start(ctx, first); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	reloads := showProc(t, p).Reloads
+	if _, err := p.UpdateServers(ctx, Render(s, append(bs, byDomain("new")))); err != nil {
+		t.Fatalf("UpdateServers with a new route by domain: %v", err)
+	}
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for host, want := range map[string]string{
+		"new.example.com": "new", "NEW.Example.com:8000": "new", "svc-3.example.com": "svc-3",
+		"new.example.com.other": "any", "other.example.com": "any",
+	} {
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/x", s.HTTPPort), nil)
+		req.Host = host
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatalf("GET /x for %s: %v", host, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || string(body) != want {
+			t.Errorf("GET /x for %s: %d %q, want %q", host, resp.StatusCode, body, want)
+		}
+	}
+	if r := showProc(t, p).Reloads; r != reloads {
+		t.Fatalf("reloads %d -> %d: adding a route by domain reloaded HAProxy", reloads, r)
 	}
 }

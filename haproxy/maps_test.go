@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -31,7 +32,12 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 			paths = append(paths, p, p+"/x", p+"x", strings.TrimSuffix(p, p[len(p)-1:]))
 		}
 	}
-	paths = append(paths, "/", "/zzz", "/dd/di/x", "/dd/dix", "/aaaaaa/s05/deeper", "/pq/long/x")
+	paths = append(paths, "/", "/zzz", "/dd/di/x", "/dd/dix", "/aaaaaa/s05/deeper", "/pq/long/x",
+		"/api/v1/long/deeper/x", "/shop/cart", "/wild-card-path-is-the-longest-one/x")
+	// The Host header as clients send it: any case, with a port, names that only start or end
+	// like a route's domain.
+	hosts := []string{"other.example.com", "a.example.com", "A.Example.COM:8080", "b.example.com",
+		"c.example.com", "a.example.com.evil", "www.example.org", "d.example.com:80", "e.example.com", "F.example.com", "example.com"}
 	answers := func(mapsDir string) (map[string]string, string) {
 		front := testenv.FreePort(t)
 		s := testSettings()
@@ -48,7 +54,7 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 		out := map[string]string{}
 		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 		for _, path := range paths {
-			for _, host := range []string{"other.example.com", "a.example.com"} {
+			for _, host := range hosts {
 				req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", front, path), nil)
 				req.Host = host
 				resp, err := c.Do(req)
@@ -64,7 +70,9 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 	}
 	withACLs, aclCfg := answers("")
 	withMaps, mapCfg := answers("maps")
-	if strings.Contains(aclCfg, "map_beg") || strings.Count(mapCfg, "map_beg(") != 2 {
+	// Two maps: one by host and path, one by path.
+	if strings.Contains(aclCfg, "map_beg") || strings.Count(mapCfg, "map_beg(") != 4 ||
+		strings.Count(mapCfg, "var(txn.dfp_host_path),map_beg(") != 2 || strings.Contains(mapCfg, "acl domain_h0") {
 		t.Fatalf("the configs do not route as intended:\n%s\n---\n%s", aclCfg, mapCfg)
 	}
 	distinct := map[string]bool{}
@@ -74,8 +82,23 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 			t.Errorf("%s: through maps %q, through acl lines %q", k, got, want)
 		}
 	}
-	if got := withMaps["other.example.com/pq/long/x"]; got != "200 x" {
-		t.Errorf("/pq/long/x through maps: %q, want route x (the first match)", got)
+	for k, want := range map[string]string{
+		"other.example.com/pq/long/x":                         "x",  // the first match, not the longest
+		"b.example.com/shop/cart":                             "h3", // h3's /s comes first on b.example.com
+		"c.example.com/shop/cart":                             "h2",
+		"A.Example.COM:8080/api/v1/long/deeper/x":             "h1",
+		"A.Example.COM:8080/api":                              "h0",
+		"a.example.com.evil/api":                              "h4",
+		"a.example.com/zzz":                                   "domain",
+		"www.example.org/wild-card-path-is-the-longest-one/x": "wild",
+		"d.example.com:80/d6":                                 "h6",
+	} {
+		if got := withMaps[k]; got != "200 "+want {
+			t.Errorf("%s through maps: %q, want route %s", k, got, want)
+		}
+	}
+	if got := withMaps["example.com/api"]; strings.HasSuffix(got, " h0") {
+		t.Errorf("example.com/api through maps: %q, want no route of a.example.com", got)
 	}
 	if len(distinct) < len(bs)-1 { // y answers none: x shadows every path of it
 		t.Fatalf("the requests reached only %d of %d routes: %v", len(distinct), len(bs), distinct)
@@ -95,16 +118,23 @@ func TestMapFilesAreWrittenAndPruned(t *testing.T) {
 		m, _ := filepath.Glob(filepath.Join(s.MapsDir, "*.map"))
 		return m
 	}
-	if got := files(); len(got) != 1 {
-		t.Fatalf("map files after the first apply: %v", got)
+	before := files()
+	if len(before) != 2 { // one by host and path, one by path
+		t.Fatalf("map files after the first apply: %v", before)
 	}
-	before := files()[0]
 	bs[0].Route.ServicePath = []string{"/changed"}
 	if err := p.Apply(ctxFor(t, 15*time.Second), Render(s, bs)); err != nil {
 		t.Fatal(err)
 	}
-	if got := files(); len(got) != 1 || got[0] == before {
-		t.Fatalf("map files after a change: %v (before %s); want one new file", got, before)
+	after := files()
+	kept := 0
+	for _, f := range after {
+		if slices.Contains(before, f) {
+			kept++
+		}
+	}
+	if len(after) != 2 || kept != 1 {
+		t.Fatalf("map files after a change of one map: %v (before %v); want that one new, the other kept", after, before)
 	}
 	// A config that names a map outside Dir/maps is refused before HAProxy reads it.
 	s.MapsDir = t.TempDir()

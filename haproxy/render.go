@@ -42,8 +42,8 @@ type Settings struct {
 	StatsPort int
 	StatsUser *route.User
 	// MapsDir, when set, is the folder of the map files that route the plain routes (path_beg, no
-	// domain, no aclName): one map lookup stands for thousands of acl and use_backend lines, which
-	// HAProxy parses on every reload. The maps are written at the end of the config as comments
+	// aclName; by path, or by host and path when they have domains): one map lookup stands for
+	// thousands of acl and use_backend lines, which HAProxy parses on every reload. The maps are written at the end of the config as comments
 	// ("#map <file>" and its "#  <path> <backend>" lines), and Process writes the files.
 	MapsDir string
 	// SpareBackends is how many empty backends a config with maps carries (SparePrefix1, ...): a
@@ -169,10 +169,16 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 	}
 	order := routingOrder(bs)
 	mapped := mappedDests(s, order) // by position in order
+	if slices.Contains(mapped, byHostPath) {
+		// The key of a map by host and path: the Host header without its port, in lower case (the
+		// acl lines match it case-insensitively), then the path.
+		w("    http-request set-var(txn.%s) path", pathVar)
+		w("    http-request set-var(txn.%s) req.hdr(host),field(1,:),lower,concat(,txn.%s)", hostPathVar, pathVar)
+	}
 	// The destinations that keep acl lines: few where maps route the plain routes.
 	withACLs := map[destKey]bool{}
 	for i, rd := range order {
-		if !mapped[i] && rd.be.FrontendSnippet == "" {
+		if mapped[i] == notMapped && rd.be.FrontendSnippet == "" {
 			withACLs[destKey{rd.be.Route.ServiceName, rd.dest.Index}] = true
 		}
 	}
@@ -193,16 +199,20 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 			writeSnippet(w, rd.be.FrontendSnippet, "    ")
 			continue
 		}
-		if mapped[i] {
+		if kind := mapped[i]; kind != notMapped {
 			// A run of plain routes in routing order becomes one map, in the same order: map_beg
 			// answers the first entry that matches, as the use_backend lines would.
 			j := i
-			for j < len(order) && mapped[j] {
+			for j < len(order) && mapped[j] == kind {
 				j++
 			}
-			m := newMapFile(s.MapsDir, order[i:j])
+			m := newMapFile(s.MapsDir, kind, order[i:j])
 			maps = append(maps, m)
-			w("    use_backend %s if { path,map_beg(%s) -m found }", "%[path,map_beg("+m.path+")]", m.path)
+			key := "path"
+			if kind == byHostPath {
+				key = "var(txn." + hostPathVar + ")"
+			}
+			w("    use_backend %%[%s,map_beg(%s)] if { %s,map_beg(%s) -m found }", key, m.path, key, m.path)
 			i = j - 1
 			continue
 		}
@@ -280,26 +290,38 @@ type mapFile struct {
 	entries [][2]string // path prefix, backend
 }
 
-// newMapFile makes the map of a run of plain routes, each route's paths in routing order. HAProxy's
-// map_beg answers the longest entry that is a prefix of the path, while use_backend lines answer
-// the first route that matches: the two agree once every entry that an earlier entry is a prefix of
-// is left out. Such an entry never wins as a use_backend line either (every path it matches, the
-// earlier one matches first), and of the entries left, those that match one path are prefixes of
-// one another, the longest first. The map's name holds a hash of its content: a map that changes
-// is a new file, and so a new config.
-func newMapFile(dir string, run []routedDest) mapFile {
+// newMapFile makes the map of a run of plain routes, each route's paths in routing order (by host
+// and path: each of its domains in lower case followed by each path). HAProxy's map_beg answers the
+// longest entry that is a prefix of the key, while use_backend lines answer the first route that
+// matches: the two agree once every entry that an earlier entry is a prefix of is left out. Such an
+// entry never wins as a use_backend line either (every request it matches, the earlier one matches
+// first), and of the entries left, those that match one request are prefixes of one another, the
+// longest first. A domain holds no '/' and a path starts with one, so a host-and-path entry is a
+// prefix of a request's key only when the hosts are equal and the entry's path is a prefix of the
+// request's. The map's name holds a hash of its content: a map that changes is a new file, and so
+// a new config.
+func newMapFile(dir string, kind mapKind, run []routedDest) mapFile {
 	var m mapFile
 	h := sha256.New()
 	earlier := map[string]bool{}
+	add := func(key, be string) {
+		if shadowed(earlier, key) {
+			return
+		}
+		earlier[key] = true
+		m.entries = append(m.entries, [2]string{key, be})
+		h.Write([]byte(key + " " + be + "\n"))
+	}
 	for _, rd := range run {
+		be := backendName(rd.be.Route, rd.dest)
 		for _, p := range rd.dest.ServicePath {
-			if shadowed(earlier, p) {
+			if kind == byPath {
+				add(p, be)
 				continue
 			}
-			earlier[p] = true
-			be := backendName(rd.be.Route, rd.dest)
-			m.entries = append(m.entries, [2]string{p, be})
-			h.Write([]byte(p + " " + be + "\n"))
+			for _, d := range rd.dest.ServiceDomain {
+				add(strings.ToLower(d)+p, be)
+			}
 		}
 	}
 	m.path = filepath.Join(dir, "routes-"+hex.EncodeToString(h.Sum(nil))[:16]+".map")
@@ -322,18 +344,34 @@ type destKey struct {
 	index   int
 }
 
-// mappedDests tells, by position in order, the destinations routed through maps: those in runs of at least
-// MinMapRoutes plain routes in routing order.
-func mappedDests(s Settings, order []routedDest) []bool {
-	out := make([]bool, len(order))
+// mapKind tells whether and how a destination is routed through a map.
+type mapKind uint8
+
+const (
+	notMapped  mapKind = iota
+	byPath             // the map's keys are path prefixes
+	byHostPath         // the map's keys are a domain followed by a path prefix
+)
+
+// The variables of the services frontend that hold the key of the maps by host and path.
+const (
+	pathVar     = "dfp_path"
+	hostPathVar = "dfp_host_path"
+)
+
+// mappedDests tells, by position in order, the destinations routed through maps: those in runs of
+// at least MinMapRoutes plain routes of one kind in routing order.
+func mappedDests(s Settings, order []routedDest) []mapKind {
+	out := make([]mapKind, len(order))
 	for i := 0; i < len(order); {
+		kind := mapKindOf(s, order[i])
 		j := i
-		for j < len(order) && order[j].be.FrontendSnippet == "" && inMap(s, order[j].be.Route, order[j].dest) {
+		for kind != notMapped && j < len(order) && mapKindOf(s, order[j]) == kind {
 			j++
 		}
 		if j-i >= MinMapRoutes {
 			for k := i; k < j; k++ {
-				out[k] = true
+				out[k] = kind
 			}
 		}
 		i = max(j, i+1)
@@ -341,11 +379,22 @@ func mappedDests(s Settings, order []routedDest) []bool {
 	return out
 }
 
-// inMap reports whether a destination is routed through a map: maps are on, and it is a plain
-// HTTP route (path_beg, no domain, no aclName).
-func inMap(s Settings, r route.Route, d route.Dest) bool {
-	return s.MapsDir != "" && d.Mode() == route.ModeHTTP && d.PathType == route.PathBeg &&
-		len(d.ServiceDomain) == 0 && r.ACLName == ""
+// mapKindOf tells how a destination is routed through a map, when maps are on and it is a plain
+// HTTP route (path_beg, no aclName, no frontend template): by path without domains, by host and
+// path with domains matched exactly (not with serviceDomainMatchAll).
+func mapKindOf(s Settings, rd routedDest) mapKind {
+	r, d := rd.be.Route, rd.dest
+	if s.MapsDir == "" || rd.be.FrontendSnippet != "" || d.Mode() != route.ModeHTTP ||
+		d.PathType != route.PathBeg || r.ACLName != "" {
+		return notMapped
+	}
+	if len(d.ServiceDomain) == 0 {
+		return byPath
+	}
+	if r.ServiceDomainMatchAll {
+		return notMapped
+	}
+	return byHostPath
 }
 
 // writeSnippet writes a rendered custom template, line by line, without the blank lines at its ends.

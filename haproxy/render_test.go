@@ -136,7 +136,27 @@ func mapsCase() []route.Backend {
 		route.Backend{Route: route.Route{ServiceName: "x", ServicePath: []string{"/p", "/zzzzzzzzzzzz"}, PathType: route.PathBeg}, Instances: inst},
 		route.Backend{Route: route.Route{ServiceName: "y", ServicePath: []string{"/pq/long"}, PathType: route.PathBeg}, Instances: inst},
 	)
+	// Routes by domain: a run of them becomes a map by host and path. h3's short /s on
+	// b.example.com comes first and shadows h2's /shop there, not on c.example.com; wild matches
+	// every subdomain (serviceDomainMatchAll), keeps its acl lines and comes first (its path is the
+	// longest).
+	hosts := func(name string, domains []string, paths ...string) route.Backend {
+		return route.Backend{Route: route.Route{ServiceName: name, ServicePath: paths, PathType: route.PathBeg, ServiceDomain: domains}, Instances: inst}
+	}
 	bs = append(bs,
+		hosts("h0", []string{"a.example.com"}, "/api"),
+		hosts("h1", []string{"a.example.com"}, "/api/v1/long/deeper"),
+		hosts("h2", []string{"B.Example.com", "c.example.com"}, "/shop"),
+		hosts("h3", []string{"b.example.com"}, "/s", "/zzzzzzzzzzzzzzzzzzzz"),
+		hosts("h4", []string{"a.example.com.evil"}, "/"),
+		hosts("h5", []string{"d.example.com"}, "/"),
+		hosts("h6", []string{"d.example.com"}, "/d6"),
+		hosts("h7", []string{"e.example.com"}, "/e"),
+		hosts("h8", []string{"f.example.com"}, "/f"),
+	)
+	wild := hosts("wild", []string{"example.org"}, "/wild-card-path-is-the-longest-one")
+	wild.Route.ServiceDomainMatchAll = true
+	bs = append(bs, wild,
 		route.Backend{Route: route.Route{ServiceName: "domain", ServicePath: []string{"/"}, PathType: route.PathBeg, ServiceDomain: []string{"a.example.com"}}, Instances: inst},
 		route.Backend{Route: route.Route{ServiceName: "dir", ServicePath: []string{"/dd/di"}, PathType: route.PathDir}, Instances: inst},
 		route.Backend{Route: route.Route{ServiceName: "first", ServicePath: []string{"/"}, PathType: route.PathBeg, ACLName: "01"}, Instances: inst},
