@@ -50,6 +50,10 @@ type Config struct {
 	// SkipCheck routes the services without HAProxy health checks (see the README: with checks,
 	// HAProxy probes every instance every 2 s).
 	SkipCheck bool
+	// Domains routes every service by domain as well as by path: serviceDomain
+	// <name>.bench.test, which the harness's requests carry as their Host header (they are
+	// all sent to 127.0.0.1; the names are never resolved).
+	Domains bool
 	// HAProxyThreads is the server's HAProxy threads for items 1, 3 and 4 (--haproxy-threads; 0:
 	// HAProxy's default, one per CPU).
 	HAProxyThreads int
@@ -176,7 +180,11 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 		if err := ctx.Err(); err != nil {
 			return h.res, err
 		}
-		h.say("== %d services x %d instances", n, cfg.Instances)
+		by := "path"
+		if cfg.Domains {
+			by = "domain and path"
+		}
+		h.say("== %d services x %d instances, routed by %s", n, cfg.Instances, by)
 		w, err := h.newWorld(ctx, n)
 		if err != nil {
 			h.failRows(n, fmt.Errorf("setting up %d services: %w", n, err))

@@ -38,12 +38,13 @@ func (h *harness) checkWrk() error {
 	return nil
 }
 
-// load sends keep-alive requests to url for d from Connections connections.
-func (h *harness) load(ctx context.Context, url string, d time.Duration) (loadResult, error) {
+// load sends keep-alive requests to url, with the Host header host unless it is empty, for d from
+// Connections connections.
+func (h *harness) load(ctx context.Context, url, host string, d time.Duration) (loadResult, error) {
 	if h.wrk != "" {
-		return h.runWrk(ctx, url, d)
+		return h.runWrk(ctx, url, host, d)
 	}
-	return goLoad(ctx, url, h.cfg.Connections, d)
+	return goLoad(ctx, url, host, h.cfg.Connections, d)
 }
 
 var (
@@ -53,11 +54,15 @@ var (
 	wrkSocketEr = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 )
 
-func (h *harness) runWrk(ctx context.Context, url string, d time.Duration) (loadResult, error) {
+func (h *harness) runWrk(ctx context.Context, url, host string, d time.Duration) (loadResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
 	secs := max(int(d.Round(time.Second)/time.Second), 1)
-	cmd := exec.CommandContext(ctx, h.wrk, "-t2", "-c"+strconv.Itoa(h.cfg.Connections), "-d"+strconv.Itoa(secs)+"s", "--timeout", "5s", url)
+	args := []string{"-t2", "-c" + strconv.Itoa(h.cfg.Connections), "-d" + strconv.Itoa(secs) + "s", "--timeout", "5s"}
+	if host != "" {
+		args = append(args, "-H", "Host: "+host)
+	}
+	cmd := exec.CommandContext(ctx, h.wrk, append(args, url)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return loadResult{}, fmt.Errorf("wrk %s: %w: %s", url, err, out)
@@ -89,7 +94,7 @@ func parseWrk(out string) (loadResult, error) {
 }
 
 // goLoad is the stand-in for wrk: conns goroutines, each with its own keep-alive connection.
-func goLoad(ctx context.Context, url string, conns int, d time.Duration) (loadResult, error) {
+func goLoad(ctx context.Context, url, host string, conns int, d time.Duration) (loadResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	var total, failed atomic.Int64
@@ -106,6 +111,9 @@ func goLoad(ctx context.Context, url string, conns int, d time.Duration) (loadRe
 				if err != nil {
 					once.Do(func() { firstErr = err })
 					return
+				}
+				if host != "" {
+					req.Host = host
 				}
 				resp, err := c.Do(req)
 				total.Add(1)

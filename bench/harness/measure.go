@@ -127,6 +127,9 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 		return 0, 0, err
 	}
 	q := url.Values{"serviceName": {name}, "servicePath": {servicePath(name)}}
+	if w.h.cfg.Domains {
+		q.Set("serviceDomain", serviceDomain(name))
+	}
 	if w.h.cfg.SkipCheck {
 		q.Set("skipCheck", "true")
 	}
@@ -137,7 +140,7 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 	go func() {
 		c := newClient(5 * time.Second)
 		for pctx.Err() == nil {
-			if ok, _ := w.fromBackend(pctx, c, w.proxyURL(name)); ok {
+			if ok, _ := w.fromBackend(pctx, c, w.proxyURL(name), w.host(name)); ok {
 				served <- time.Since(t0)
 				return
 			}
@@ -194,10 +197,10 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		// Consul's CPU time during each run tells a round that shared the cores with its
 		// housekeeping.
 		c0 := cpuTime(w.consul.pid)
-		p, err := h.load(ctx, w.proxyURL(svc), each)
+		p, err := h.load(ctx, w.proxyURL(svc), w.host(svc), each)
 		perr = errors.Join(perr, err)
 		c1 := cpuTime(w.consul.pid)
-		d, err := h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), each)
+		d, err := h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), "", each)
 		derr = errors.Join(derr, err)
 		c2 := cpuTime(w.consul.pid)
 		proxied, direct = append(proxied, p.rps), append(direct, d.rps)
@@ -265,7 +268,7 @@ const churnInFlight = 64
 // clients for ChurnDuration while reconfigure is called ChurnRate times a second, alternating a
 // second path on another service, which each time changes the ACLs and so needs a reload.
 func (h *harness) churnRows(ctx context.Context, w *world, n int) {
-	target := w.proxyURL(serviceName(n / 2))
+	target, targetHost := w.proxyURL(serviceName(n/2)), w.host(serviceName(n/2))
 	other := serviceName((n/2 + 1) % n)
 	before, perr := w.srv.HAProxy().ShowProc(ctx)
 
@@ -281,7 +284,7 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 		wg.Go(func() {
 			defer c.CloseIdleConnections()
 			for cctx.Err() == nil {
-				ok, err := w.fromBackend(context.WithoutCancel(cctx), c, target)
+				ok, err := w.fromBackend(context.WithoutCancel(cctx), c, target, targetHost)
 				total.Add(1)
 				if !ok {
 					failed.Add(1)
@@ -309,6 +312,9 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 			paths += "," + servicePath(other+"-alt")
 		}
 		q := url.Values{"serviceName": {other}, "servicePath": {paths}}
+		if h.cfg.Domains {
+			q.Set("serviceDomain", serviceDomain(other))
+		}
 		if h.cfg.SkipCheck {
 			q.Set("skipCheck", "true")
 		}

@@ -65,6 +65,18 @@ func serviceName(i int) string { return fmt.Sprintf("svc-%05d", i) }
 // matches /svc-10/.
 func servicePath(name string) string { return "/" + name + "/" }
 
+// serviceDomain is a service's domain when the services are routed by domain (Config.Domains).
+func serviceDomain(name string) string { return name + ".bench.test" }
+
+// host is the Host header of requests to service: its domain when the services are routed by
+// domain, else "" (the client's default).
+func (w *world) host(service string) string {
+	if w.h.cfg.Domains {
+		return serviceDomain(service)
+	}
+	return ""
+}
+
 func (h *harness) newWorld(ctx context.Context, n int) (*world, error) {
 	w := &world{h: h, n: n, instances: h.cfg.Instances}
 	maxConns := h.cfg.ConsulMaxConns
@@ -153,8 +165,12 @@ func (h *harness) tbCall(f func()) error {
 }
 
 func (h *harness) route(name string) route.Route {
-	return route.Route{ServiceName: name, ServicePath: []string{servicePath(name)}, PathType: route.PathBeg,
+	r := route.Route{ServiceName: name, ServicePath: []string{servicePath(name)}, PathType: route.PathBeg,
 		SkipCheck: h.cfg.SkipCheck}
+	if h.cfg.Domains {
+		r.ServiceDomain = []string{serviceDomain(name)}
+	}
+	return r
 }
 
 // writeRoutes writes the n routes straight into KV, in transactions of at most 64 operations, as
@@ -285,7 +301,7 @@ func (w *world) waitServed(ctx context.Context, port int, services []string) err
 	var last string // why the last route not served yet was not
 	for rounds := 1; len(left) > 0; rounds++ {
 		for s := range left {
-			ok, err := w.fromBackend(ctx, c, proxyURL(port, s))
+			ok, err := w.fromBackend(ctx, c, proxyURL(port, s), w.host(s))
 			if ok {
 				delete(left, s)
 				continue
@@ -321,7 +337,7 @@ func (w *world) serveAll(ctx context.Context, port int) error {
 		}
 		for {
 			var err error
-			left, err = pipelined(ctx, port, left)
+			left, err = pipelined(ctx, port, left, w.host)
 			if len(left) == 0 {
 				return nil
 			}
@@ -339,9 +355,10 @@ func (w *world) serveAll(ctx context.Context, port int) error {
 }
 
 // pipelined requests each service's path on one keep-alive connection to the proxy on port,
-// sweepDepth requests at a time, and returns the services not answered 200 by a backend (those
-// after a broken connection included) and why the first of them was not.
-func pipelined(ctx context.Context, port int, services []string) (left []string, why error) {
+// sweepDepth requests at a time, with the Host header host(service) ("bench" when empty), and
+// returns the services not answered 200 by a backend (those after a broken connection included)
+// and why the first of them was not.
+func pipelined(ctx context.Context, port int, services []string, host func(string) string) (left []string, why error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 	if err != nil {
@@ -354,7 +371,11 @@ func pipelined(ctx context.Context, port int, services []string) (left []string,
 	for len(services) > 0 {
 		batch := services[:min(sweepDepth, len(services))]
 		for _, s := range batch {
-			fmt.Fprintf(bw, "GET %sx HTTP/1.1\r\nHost: bench\r\n\r\n", servicePath(s))
+			h := host(s)
+			if h == "" {
+				h = "bench"
+			}
+			fmt.Fprintf(bw, "GET %sx HTTP/1.1\r\nHost: %s\r\n\r\n", servicePath(s), h)
 		}
 		if err := bw.Flush(); err != nil {
 			return append(left, services...), err
@@ -393,10 +414,13 @@ func proxyURL(port int, service string) string {
 func (w *world) proxyURL(service string) string { return proxyURL(w.httpPort, service) }
 
 // fromBackend reports whether a GET of url is answered 200 by a backend of this world.
-func (w *world) fromBackend(ctx context.Context, c *http.Client, url string) (bool, error) {
+func (w *world) fromBackend(ctx context.Context, c *http.Client, url, host string) (bool, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return false, err
+	}
+	if host != "" {
+		req.Host = host
 	}
 	resp, err := c.Do(req)
 	if err != nil {
