@@ -12,12 +12,19 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 )
 
-// TestHarnessSmoke runs the benchmark harness at tiny sizes (10 services, 2 s of load): every row
-// of the table has a figure, and no request fails while the proxy reloads.
+// TestHarnessSmoke runs the benchmark harness at tiny sizes (10 services, 2 s of load), with the
+// services routed by path, then by domain and path (dfp-bench -domains): every row of the table
+// has a figure, and no request fails while the proxy reloads.
 func TestHarnessSmoke(t *testing.T) {
 	testenv.HAProxyBin(t)
 	testenv.ConsulBin(t)
+	t.Run("by path", func(t *testing.T) { smoke(t, false) })
+	t.Run("by domain", func(t *testing.T) { smoke(t, true) })
+}
+
+func smoke(t *testing.T, domains bool) {
 	cfg := harness.Smoke()
+	cfg.Domains = domains
 	cfg.RequireWrk = testenv.CI()
 	level := slog.LevelError
 	if testing.Verbose() {
