@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -87,6 +88,55 @@ func TestDiffAddedRoutes(t *testing.T) {
 			t.Fatalf("Diff = %+v\nwant the map adds %+v and one backend", d, want)
 		}
 	})
+	t.Run("a route removed", func(t *testing.T) {
+		next := Render(s, base[1:])
+		d, ok := Diff(old, next)
+		newMap := mapUse.FindStringSubmatch(string(next))[1]
+		want := Delta{
+			MapDels: []MapAdd{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-be"}},
+			Removed: []string{"svc-0-be"},
+			Renamed: map[string]string{newMap: oldMap},
+		}
+		if !ok || !reflect.DeepEqual(d, want) {
+			t.Fatalf("Diff = %+v, %v\nwant %+v", d, ok, want)
+		}
+	})
+	t.Run("a route's paths changed", func(t *testing.T) {
+		changed := append([]route.Backend{}, base...)
+		changed[3].Route.ServicePath = []string{"/svc-3-new", "/svc-3-other"}
+		d, ok := Diff(old, Render(s, changed))
+		want := []MapAdd{{Map: oldMap, Key: "/svc-3-new", Backend: "svc-3-be"}, {Map: oldMap, Key: "/svc-3-other", Backend: "svc-3-be"}}
+		if !ok || !reflect.DeepEqual(d.MapAdds, want) || len(d.MapDels) != 1 || d.MapDels[0].Key != "/svc-3" ||
+			len(d.Removed) != 0 || len(d.Backends) != 0 {
+			t.Fatalf("Diff = %+v, %v", d, ok)
+		}
+	})
+	t.Run("a route removed that shadowed another's entry", func(t *testing.T) {
+		// /svc-1 of long comes first and shadows route svc-1's: once long is gone, svc-1's entry
+		// comes back.
+		withLong := with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others"))
+		d, ok := Diff(withLong, old)
+		m := mapUse.FindStringSubmatch(string(withLong))[1]
+		if !ok || len(d.MapAdds) != 0 || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: m, Key: "/svc-1", Backend: "svc-1-be"}}) ||
+			!reflect.DeepEqual(d.MapDels, []MapAdd{{Map: m, Key: "/a-path-longer-than-the-others", Backend: "long-be"}}) ||
+			!reflect.DeepEqual(d.Removed, []string{"long-be"}) {
+			t.Fatalf("Diff = %+v, %v", d, ok)
+		}
+		// And the other way: long's /svc-1 takes the entry of route svc-1.
+		d, ok = Diff(old, withLong)
+		if !ok || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: oldMap, Key: "/svc-1", Backend: "long-be"}}) ||
+			len(d.MapAdds) != 1 || len(d.MapDels) != 0 || len(d.Backends) != 1 {
+			t.Fatalf("Diff = %+v, %v", d, ok)
+		}
+	})
+	t.Run("a path moved to another route", func(t *testing.T) {
+		changed := append([]route.Backend{}, base[1:]...)
+		d, ok := Diff(old, Render(s, append(changed, newRoute("svc-0-next", one, "/svc-0"))))
+		if !ok || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-next-be"}}) ||
+			!reflect.DeepEqual(d.Removed, []string{"svc-0-be"}) || len(d.Backends) != 1 {
+			t.Fatalf("Diff = %+v, %v", d, ok)
+		}
+	})
 	t.Run("two routes and a server of an existing one", func(t *testing.T) {
 		changed := append([]route.Backend{}, base...)
 		changed[2].Instances = append(changed[2].Instances, route.Instance{Address: "10.9.9.9", Port: 81})
@@ -97,6 +147,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		}
 	})
 
+	refusedFrom := map[string][]byte{} // the config served, when not old
 	refused := map[string][]byte{
 		"no spare backends": func() []byte {
 			s := s
@@ -118,18 +169,23 @@ func TestDiffAddedRoutes(t *testing.T) {
 			r.Route.ServiceDomain = []string{"new.example.com"}
 			return with(r)
 		}(),
-		// Its /svc-1 comes first in routing order (its longest path is the longest) and shadows
-		// route svc-1's, which leaves the map.
-		"a route that shadows a map entry":    with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others")),
 		"a path the runtime API cannot carry": with(newRoute("semi", one, "/a;b")),
 		"an instance by host name":            with(newRoute("new", []route.Instance{{Address: "db", Port: 80}}, "/new")),
-		"a route removed":                     Render(s, base[1:]),
-	}
-	if strings.Contains(string(refused["a route that shadows a map entry"]), "/svc-1 svc-1-be") {
-		t.Fatal("the shadowing case does not shadow route svc-1")
+		// Its acl lines go: only a reload serves that.
+		"a route outside the map removed": func() []byte {
+			r := newRoute("new", one, "/new")
+			r.Route.ServiceDomain = []string{"new.example.com"}
+			o := with(r)
+			refusedFrom["a route outside the map removed"] = o
+			return old
+		}(),
 	}
 	for name, next := range refused {
-		if d, ok := Diff(old, next); ok {
+		from := old
+		if f, ok := refusedFrom[name]; ok {
+			from = f
+		}
+		if d, ok := Diff(from, next); ok {
 			t.Errorf("%s: Diff = %+v, want refused", name, d)
 		}
 	}
@@ -463,4 +519,171 @@ func TestRouteByDomainAddedWithoutReload(t *testing.T) {
 	if r := showProc(t, p).Reloads; r != reloads {
 		t.Fatalf("reloads %d -> %d: adding a route by domain reloaded HAProxy", reloads, r)
 	}
+}
+
+// A route of a map removed, a route's path changed and a path moved to another route are served at
+// once through the runtime API, with no reload and no failed request to the other routes; the
+// reload ConsolidateAfter later drops the backends no longer used.
+func TestRoutesRemovedWithoutReload(t *testing.T) {
+	dir := t.TempDir()
+	s := DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
+	s.MapsDir = filepath.Join(dir, "maps")
+	s.SpareBackends = 2
+	routes := map[string]route.Backend{}
+	serve := func(name string, paths ...string) {
+		routes[name] = newRoute(name, []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}, paths...)
+	}
+	render := func() []byte {
+		var bs []route.Backend
+		for _, b := range routes {
+			bs = append(bs, b)
+		}
+		return Render(s, bs)
+	}
+	for i := 0; i < MinMapRoutes+2; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		serve(name, "/"+name)
+	}
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
+	ctx := ctxFor(t, 60*time.Second)
+	if err := p.Start(ctx, render()); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	load := startPathLoad(t, s.HTTPPort, "/svc-3/x", "svc-3")
+	reloads := showProc(t, p).Reloads
+	status := func(path string) string {
+		t.Helper()
+		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", s.HTTPPort, path))
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return strconv.Itoa(resp.StatusCode)
+		}
+		return string(body)
+	}
+	update := func(what string) Delta {
+		t.Helper()
+		d, err := p.UpdateServers(ctx, render())
+		if err != nil {
+			t.Fatalf("UpdateServers, %s: %v", what, err)
+		}
+		return d
+	}
+
+	delete(routes, "svc-0")
+	if d := update("a route removed"); len(d.Removed) != 1 || len(d.MapDels) != 1 {
+		t.Fatalf("a route removed: %+v", d)
+	}
+	if got := status("/svc-0/x"); got != "503" {
+		t.Fatalf("/svc-0/x after its route was removed: %s, want 503 (no route)", got)
+	}
+
+	r := routes["svc-1"]
+	r.Route.ServicePath = []string{"/svc-1-moved"}
+	routes["svc-1"] = r
+	update("a route's path changed")
+	if got := status("/svc-1-moved/x"); got != "svc-1" {
+		t.Fatalf("/svc-1-moved/x: %s, want svc-1", got)
+	}
+	if got := status("/svc-1/x"); got != "503" {
+		t.Fatalf("/svc-1/x after its route moved: %s, want 503", got)
+	}
+
+	// svc-2's path goes to a new route, whose backend a spare stands in for.
+	delete(routes, "svc-2")
+	serve("svc-2-next", "/svc-2")
+	if d := update("a path moved to another route"); len(d.MapSets) != 1 {
+		t.Fatalf("a path moved: %+v", d)
+	}
+	if got := status("/svc-2/x"); got != "svc-2-next" {
+		t.Fatalf("/svc-2/x after its path moved: %s, want svc-2-next", got)
+	}
+	if r := showProc(t, p).Reloads; r != reloads {
+		t.Fatalf("reloads %d -> %d: the changes reloaded HAProxy", reloads, r)
+	}
+	if p.Settled() {
+		t.Fatal("Settled with backends of removed routes still in HAProxy")
+	}
+	stats := statServers(t, s.StatsSocket)
+	if !strings.Contains(stats, "svc-0-be") {
+		t.Fatal("the backend of the removed route is gone before the reload")
+	}
+
+	// The reload that follows drops the backends no longer used and gives svc-2-next its own.
+	p.mu.Lock()
+	p.consolidateAfter = 200 * time.Millisecond
+	p.mu.Unlock()
+	p.consolidateLater()
+	deadline := time.Now().Add(10 * time.Second)
+	for showProc(t, p).Reloads == reloads || !p.Settled() {
+		if time.Now().After(deadline) {
+			t.Fatal("no reload dropped the backends of the removed routes")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if stats := statServers(t, s.StatsSocket); strings.Contains(stats, "svc-0-be") || strings.Contains(stats, "svc-2-be") {
+		t.Fatalf("after the reload HAProxy still has the backends of removed routes:\n%s", stats)
+	}
+	if got := status("/svc-2/x"); got != "svc-2-next" {
+		t.Fatalf("after the reload /svc-2/x: %s, want svc-2-next", got)
+	}
+	if n := load.stop(); n < 10 {
+		t.Fatalf("only %d requests were sent during the test", n)
+	}
+}
+
+// Changes through the runtime API that keep coming put the consolidating reload off by at most
+// consolidateMaxDelay ConsolidateAfters.
+func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
+	dir := t.TempDir()
+	s := DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
+	s.MapsDir = filepath.Join(dir, "maps")
+	bs := plainRoutes(MinMapRoutes + 4*consolidateMaxDelay)
+	const after = 200 * time.Millisecond
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+		ReloadTimeout: 10 * time.Second, ConsolidateAfter: after})
+	ctx := ctxFor(t, 60*time.Second)
+	if err := p.Start(ctx, Render(s, bs)); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
+	reloads := showProc(t, p).Reloads
+	t0 := time.Now()
+	// A route is removed every after/2: each removal alone would put the reload off by after.
+	for showProc(t, p).Reloads == reloads {
+		if time.Since(t0) > 2*consolidateMaxDelay*after || len(bs) == MinMapRoutes {
+			t.Fatalf("no reload after %s of changes every %s", time.Since(t0).Round(time.Millisecond), after/2)
+		}
+		bs = bs[1:]
+		if d, err := p.UpdateServers(ctx, Render(s, bs)); err != nil || len(d.Removed) != 1 {
+			t.Fatalf("UpdateServers = %+v, %v", d, err)
+		}
+		time.Sleep(after / 2)
+	}
+	if took := time.Since(t0); took < consolidateMaxDelay*after {
+		t.Fatalf("the reload came %s after the first change, before the changes stopped", took)
+	}
+	t.Logf("the reload came %s after the first change", time.Since(t0).Round(time.Millisecond))
 }

@@ -27,8 +27,11 @@ const (
 	defaultReloadTimeout = 30 * time.Second
 	// defaultConsolidateAfter: see Options.ConsolidateAfter.
 	defaultConsolidateAfter = 2 * time.Second
-	minBackoff              = 100 * time.Millisecond
-	maxBackoff              = 5 * time.Second
+	// consolidateMaxDelay bounds, in ConsolidateAfters from the first change that HAProxy serves
+	// other than written, how long changes that keep coming put the consolidating reload off.
+	consolidateMaxDelay = 5
+	minBackoff          = 100 * time.Millisecond
+	maxBackoff          = 5 * time.Second
 	// stableAfter is how long HAProxy must have run for a crash to count as a new incident
 	// (restart delay back to minBackoff) rather than a crash loop.
 	stableAfter = 10 * time.Second
@@ -66,8 +69,10 @@ type Options struct {
 	Logger *slog.Logger // nil = slog.Default()
 	// ReloadTimeout bounds the wait for a new worker after a start or reload; 0 = 30s.
 	ReloadTimeout time.Duration
-	// ConsolidateAfter is how long after the last route added through the runtime API (served by a
-	// spare backend) HAProxy is reloaded to give those routes their own backends; 0 = 2s.
+	// ConsolidateAfter is how long after the last route added or removed through the runtime API
+	// (served by a spare backend, or leaving an unused backend) HAProxy is reloaded to serve the
+	// config as written; 0 = 2s. Changes that keep coming put that reload off by at most
+	// consolidateMaxDelay times as long.
 	ConsolidateAfter time.Duration
 }
 

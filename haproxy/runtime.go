@@ -20,7 +20,7 @@ var ErrNeedsReload = errors.New("the change needs a reload")
 
 // ErrBeyondRuntime is the ErrNeedsReload of a config that differs from the one served in more than
 // Diff allows: the usual case of a change that only a reload serves.
-var ErrBeyondRuntime = fmt.Errorf("%w: more than servers and routes added to a map changed", ErrNeedsReload)
+var ErrBeyondRuntime = fmt.Errorf("%w: more than servers and routes of a map changed", ErrNeedsReload)
 
 const (
 	// runtimeCmdTimeout bounds one runtime API command.
@@ -44,26 +44,35 @@ type ServerChange struct {
 }
 
 // Delta is how a config differs from the one served when HAProxy can serve it through the runtime
-// API: servers added to and removed from existing backends, and routes added to existing maps, each
-// with a new backend that a spare backend stands in for until the next reload.
+// API: servers added to and removed from existing backends, routes added to existing maps, each
+// with a new backend that a spare backend stands in for until the next reload, and entries removed
+// from maps (a route removed, or its paths changed), with the backends no longer used, which stay
+// in HAProxy, unused, until the next reload.
 type Delta struct {
 	Servers []ServerChange
 	// Backends are the new backends, with their servers, in the order of the config.
 	Backends []ServerChange
 	// MapAdds are the entries added to maps, named by the file the served config uses.
 	MapAdds []MapAdd
+	// MapSets are the entries whose key stays in a map with another backend.
+	MapSets []MapAdd
+	// MapDels are the entries removed from maps, named by the file the served config uses.
+	MapDels []MapAdd
+	// Removed are the backends of the served config that the new one no longer has.
+	Removed []string
 	// Renamed maps the new config's map files to the served config's ones they extend.
 	Renamed map[string]string
 }
 
-// MapAdd is one entry added to a map.
+// MapAdd is one entry added to (or removed from) a map.
 type MapAdd struct {
 	Map, Key, Backend string
 }
 
 // Empty reports whether the configs serve the same.
 func (d Delta) Empty() bool {
-	return len(d.Servers) == 0 && len(d.Backends) == 0 && len(d.MapAdds) == 0
+	return len(d.Servers) == 0 && len(d.Backends) == 0 && len(d.MapAdds) == 0 && len(d.MapSets) == 0 &&
+		len(d.MapDels) == 0 && len(d.Removed) == 0
 }
 
 // Diff compares two configs as Render writes them. ok is true when new differs from old only in:
@@ -72,7 +81,10 @@ func (d Delta) Empty() bool {
 //     (HAProxy does not apply default-server settings, such as init-addr, to servers added at run time);
 //   - new backends whose body is a spare backend's (SpareBody) and whose servers are such lines, when
 //     old has spare backends;
-//   - entries added to maps (no entry removed or changed), whose keys the runtime API can carry.
+//   - entries added to maps, removed from them or given another backend, whose keys the runtime
+//     API can carry, the entries both have in the same order;
+//   - backends removed, when no line of new uses them (so only the backends of routes of a map),
+//     spare backends aside.
 //
 // Everything else, blank lines aside, must be equal once a map's new file name is read as its old
 // one. Render writes backends and map entries in an order that adding a route keeps, so both configs
@@ -94,20 +106,58 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 		return Delta{}, false
 	}
 	var d Delta
-	// Backends side by side: those of old in the same order, new ones in between.
+	// Backends side by side: those of old in the same order, new ones in between, removed ones
+	// left out. The names of each side are only needed where the two differ.
+	var oldNames, newNames map[string]bool
+	names := func(pc *parsedConfig, set *map[string]bool) map[string]bool {
+		if *set == nil {
+			*set = make(map[string]bool, len(pc.backends))
+			for _, b := range pc.backends {
+				(*set)[b.name] = true
+			}
+		}
+		return *set
+	}
 	isNew := make([]bool, len(n.backends))
 	pair := make([]int, len(n.backends)) // index in o.backends
+	removed := map[int]bool{}            // index in o.backends
 	i := 0
+	remove := func() bool {
+		name := o.backends[i].name
+		if strings.HasPrefix(name, SparePrefix) || names(n, &newNames)[name] {
+			return false // a spare removed, or the order changed
+		}
+		removed[i] = true
+		d.Removed = append(d.Removed, name)
+		i++
+		return true
+	}
 	for j := range n.backends {
 		if i < len(o.backends) && o.backends[i].name == n.backends[j].name {
 			pair[j] = i
 			i++
 			continue
 		}
-		isNew[j] = true
+		if !names(o, &oldNames)[n.backends[j].name] {
+			isNew[j] = true
+			continue
+		}
+		// Old's backends up to this one are no longer used.
+		for i < len(o.backends) && o.backends[i].name != n.backends[j].name {
+			if !remove() {
+				return Delta{}, false
+			}
+		}
+		if i == len(o.backends) {
+			return Delta{}, false // the order changed
+		}
+		pair[j] = i
+		i++
 	}
-	if i != len(o.backends) {
-		return Delta{}, false // a backend was removed, or the order changed
+	for i < len(o.backends) {
+		if !remove() {
+			return Delta{}, false
+		}
 	}
 	added := 0
 	for _, nw := range isNew {
@@ -118,44 +168,52 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	if added > 0 && !o.hasSpare {
 		return Delta{}, false
 	}
-	// Maps pair up in the order the config uses them; each new one must hold its old one's entries,
-	// in the same order, and entries to routes that new has.
+	// Maps pair up in the order the config uses them; the entries both have must be in the same
+	// order, and the entries added must go to backends that new has.
 	renames := map[string]string{}
 	for k, nm := range n.mapOrder {
 		om := o.mapOrder[k]
-		oe, ne := o.maps[om], n.maps[nm]
-		i := 0
-		for _, e := range ne {
-			if i < len(oe) && oe[i] == e {
-				i++
-				continue
-			}
-			key, be, ok := strings.Cut(e, " ")
-			if !ok || !runtimeKey(key) || strings.Contains(be, " ") {
-				return Delta{}, false
-			}
-			d.MapAdds = append(d.MapAdds, MapAdd{Map: om, Key: key, Backend: be})
+		adds, sets, dels, ok := diffEntries(om, o.maps[om], n.maps[nm])
+		if !ok {
+			return Delta{}, false
 		}
-		if i != len(oe) {
-			return Delta{}, false // an entry was removed or changed
-		}
+		d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
 		if nm != om {
 			renames[nm] = om
 		}
 	}
-	if len(d.MapAdds) > 0 {
+	if len(d.Removed) > 0 {
+		// No entry that new keeps may lead to a backend it no longer has.
+		gone := make(map[string]bool, len(d.Removed))
+		for _, name := range d.Removed {
+			gone[name] = true
+		}
+		for _, es := range n.maps {
+			for _, e := range es {
+				if _, be, _ := strings.Cut(e, " "); gone[be] {
+					return Delta{}, false
+				}
+			}
+		}
+	}
+	if len(d.MapAdds) > 0 || len(d.MapSets) > 0 {
 		names := make(map[string]bool, len(n.backends))
 		for _, b := range n.backends {
 			names[b.name] = true
 		}
-		for _, a := range d.MapAdds {
+		for _, a := range append(slices.Clone(d.MapAdds), d.MapSets...) {
 			if !names[a.Backend] {
 				return Delta{}, false
 			}
 		}
 	}
-	// The rest must be equal, new backends left out and map files renamed.
+	// The rest must be equal, new and removed backends left out and map files renamed.
 	j := 0
+	skipRemoved := func() {
+		for len(removed) > 0 && j < len(o.lines) && o.lines[j].backend >= 0 && removed[o.lines[j].backend] {
+			j++
+		}
+	}
 	for _, l := range n.lines {
 		if l.backend >= 0 && isNew[l.backend] {
 			continue
@@ -166,11 +224,13 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 				text = strings.ReplaceAll(text, nm, om)
 			}
 		}
+		skipRemoved()
 		if j >= len(o.lines) || o.lines[j].text != text {
 			return Delta{}, false
 		}
 		j++
 	}
+	skipRemoved()
 	if j != len(o.lines) {
 		return Delta{}, false
 	}
@@ -227,6 +287,84 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 		d.Renamed = renames
 	}
 	return d, true
+}
+
+// diffEntries compares the entries ("<key> <backend>") of a map served, named m, with those of its
+// new version: the entries added, those whose key stays with another backend (sets), and those
+// removed. ok is false when the entries both have are in another order, or when a key cannot be
+// sent through the runtime API.
+func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool) {
+	var inOld, inNew map[string]bool // only needed where the two differ
+	set := func(es []string, s *map[string]bool) map[string]bool {
+		if *s == nil {
+			*s = make(map[string]bool, len(es))
+			for _, e := range es {
+				(*s)[e] = true
+			}
+		}
+		return *s
+	}
+	entry := func(e string) (MapAdd, bool) {
+		key, be, ok := strings.Cut(e, " ")
+		return MapAdd{Map: m, Key: key, Backend: be}, ok && runtimeKey(key) && !strings.Contains(be, " ")
+	}
+	i := 0
+	for _, e := range ne {
+		for i < len(oe) && oe[i] != e && !set(ne, &inNew)[oe[i]] {
+			del, ok := entry(oe[i])
+			if !ok {
+				return nil, nil, nil, false
+			}
+			dels = append(dels, del)
+			i++
+		}
+		if i < len(oe) && oe[i] == e {
+			i++
+			continue
+		}
+		if set(oe, &inOld)[e] {
+			return nil, nil, nil, false // the order changed
+		}
+		add, ok := entry(e)
+		if !ok {
+			return nil, nil, nil, false
+		}
+		adds = append(adds, add)
+	}
+	for ; i < len(oe); i++ {
+		if set(ne, &inNew)[oe[i]] {
+			return nil, nil, nil, false
+		}
+		del, ok := entry(oe[i])
+		if !ok {
+			return nil, nil, nil, false
+		}
+		dels = append(dels, del)
+	}
+	if len(adds) > 0 && len(dels) > 0 {
+		// A key both removed and added keeps its place in the map with another backend.
+		moved := make(map[string]bool, len(dels))
+		for _, e := range dels {
+			moved[e.Key] = true
+		}
+		kept := adds[:0:0]
+		for _, a := range adds {
+			if moved[a.Key] {
+				sets = append(sets, a)
+				continue
+			}
+			kept = append(kept, a)
+		}
+		if len(sets) > 0 {
+			set := make(map[string]bool, len(sets))
+			for _, e := range sets {
+				set[e.Key] = true
+			}
+			dels = slices.DeleteFunc(dels, func(e MapAdd) bool { return set[e.Key] })
+		}
+		adds = kept
+	}
+	return adds, sets, dels, true
 }
 
 // runtimeKey reports whether a map key can be sent as one word of a runtime API command: no
@@ -446,7 +584,10 @@ func statsSocket(cfg []byte) string {
 //   - a new route of a map is served from a free spare backend: its servers are added there, then
 //     its map entry, pointing to the spare, is added to the map HAProxy loaded. The next reload gives
 //     it its own backend; one follows by itself once no route has been added for ConsolidateAfter,
-//     and a change that needs more spares than are free is refused (ErrNeedsReload).
+//     and a change that needs more spares than are free is refused (ErrNeedsReload);
+//   - a route of a map removed, or its paths changed: its entries are removed from the map (after
+//     the entries added), and a backend no longer used stays in HAProxy, unused, until the reload
+//     that follows ConsolidateAfter later. A route still served by a spare is removed by a reload.
 //
 // Otherwise it returns an error wrapping ErrNeedsReload and changes nothing. cfg is validated with
 // `haproxy -c` first (a *ConfigError), unless it is the config Vouch was just given. On success
@@ -497,6 +638,12 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	if len(delta.Backends) > free {
 		return Delta{}, fmt.Errorf("haproxy update servers: %w: %d new backends, %d spare backends free", ErrNeedsReload, len(delta.Backends), free)
 	}
+	p.mu.Lock()
+	onSpare := slices.ContainsFunc(delta.Removed, func(name string) bool { _, ok := p.ov.backends[name]; return ok })
+	p.mu.Unlock()
+	if onSpare {
+		return Delta{}, fmt.Errorf("haproxy update servers: %w: a route removed is served by a spare backend", ErrNeedsReload)
+	}
 	if !p.justValidated(cfg) {
 		if err := p.Validate(ctx, cfg); err != nil {
 			return Delta{}, fmt.Errorf("haproxy update servers: %w", err)
@@ -529,6 +676,12 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 		err = p.addMapEntries(ctx, sock, ov, delta.MapAdds)
 	}
 	if err == nil {
+		err = p.setMapEntries(ctx, sock, ov, delta.MapSets)
+	}
+	if err == nil {
+		err = p.delMapEntries(ctx, sock, ov, delta.MapDels)
+	}
+	if err == nil {
 		for newName, oldName := range delta.Renamed {
 			ov.maps[newName] = ov.mapFile(oldName)
 		}
@@ -541,15 +694,19 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 		p.mu.Unlock()
 		return Delta{}, fmt.Errorf("haproxy update servers: %w", err)
 	}
+	ov.unused += len(delta.Removed)
+	if ov.inUse() && ov.since.IsZero() {
+		ov.since = time.Now()
+	}
 	p.mu.Lock()
 	p.cfg = bytes.Clone(cfg)
 	p.ov = ov
 	p.parsed = parsedServed{cfg: p.cfg, pc: n}
 	p.mu.Unlock()
 	p.log.Info("haproxy changed without a reload", "servers_added", added, "servers_removed", removed,
-		"routes_added", len(delta.MapAdds), "spares_free", len(ov.free),
-		"duration", time.Since(t0).Round(time.Millisecond))
-	if len(delta.Backends) > 0 {
+		"routes_added", len(delta.MapAdds), "map_entries_changed", len(delta.MapSets), "map_entries_removed", len(delta.MapDels),
+		"backends_unused", ov.unused, "spares_free", len(ov.free), "duration", time.Since(t0).Round(time.Millisecond))
+	if len(delta.Backends) > 0 || len(delta.Removed) > 0 {
 		p.consolidateLater()
 	}
 	return delta, nil
@@ -566,14 +723,37 @@ func (p *Process) addMapEntries(ctx context.Context, sock string, ov overlay, ad
 	return nil
 }
 
-// overlay is how the HAProxy running differs in names from the config served after routes were
-// added through the runtime API: a map file of the config may be one HAProxy loaded under an older
-// name, and a backend may be served by a spare. A reload or restart loads the config, and so
-// starts a new overlay.
+// setMapEntries points entries of the maps HAProxy loaded to other backends, each to the backend
+// that serves its route now.
+func (p *Process) setMapEntries(ctx context.Context, sock string, ov overlay, sets []MapAdd) error {
+	for _, e := range sets {
+		if err := runtimeCmd(ctx, sock, "set map "+ov.mapFile(e.Map)+" "+e.Key+" "+ov.backend(e.Backend), ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// delMapEntries removes the entries from the maps HAProxy loaded.
+func (p *Process) delMapEntries(ctx context.Context, sock string, ov overlay, dels []MapAdd) error {
+	for _, e := range dels {
+		if err := runtimeCmd(ctx, sock, "del map "+ov.mapFile(e.Map)+" "+e.Key, ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// overlay is how the HAProxy running differs from the config served after routes were added or
+// removed through the runtime API: a map file of the config may be one HAProxy loaded under an older
+// name, a backend may be served by a spare, and HAProxy may hold backends the config no longer has.
+// A reload or restart loads the config, and so starts a new overlay.
 type overlay struct {
 	maps     map[string]string // map file of the config -> the one HAProxy loaded
 	backends map[string]string // backend of the config -> the spare that serves it
 	free     []string          // spares that serve nothing
+	unused   int               // backends HAProxy holds that the config no longer has
+	since    time.Time         // when HAProxy first ran other than the config as written
 }
 
 // newOverlay is the overlay of a config HAProxy just loaded: every spare is free.
@@ -588,7 +768,8 @@ func newOverlay(cfg []byte) overlay {
 }
 
 func (ov overlay) clone() overlay {
-	c := overlay{maps: maps.Clone(ov.maps), backends: maps.Clone(ov.backends), free: slices.Clone(ov.free)}
+	c := overlay{maps: maps.Clone(ov.maps), backends: maps.Clone(ov.backends), free: slices.Clone(ov.free),
+		unused: ov.unused, since: ov.since}
 	if c.maps == nil {
 		c.maps = map[string]string{}
 	}
@@ -598,8 +779,9 @@ func (ov overlay) clone() overlay {
 	return c
 }
 
-// inUse reports whether a spare serves a route.
-func (ov overlay) inUse() bool { return len(ov.backends) > 0 }
+// inUse reports whether HAProxy runs other than the config as written: a spare serves a route, or
+// it holds backends the config no longer has.
+func (ov overlay) inUse() bool { return len(ov.backends) > 0 || ov.unused > 0 }
 
 func (ov overlay) backend(name string) string {
 	if s, ok := ov.backends[name]; ok {
@@ -624,26 +806,34 @@ func (p *Process) SetReloadHook(f func(time.Duration, error)) {
 }
 
 // Settled reports whether HAProxy runs its config as written: no route added through the runtime
-// API is served by a spare backend, waiting for the reload that gives it its own.
+// API is served by a spare backend, waiting for the reload that gives it its own, and no backend
+// of a route removed through it waits for the reload that drops it.
 func (p *Process) Settled() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return !p.ov.inUse()
 }
 
-// consolidateLater schedules the reload that gives the routes served by spares their own backends,
-// ConsolidateAfter after the last route added.
+// consolidateLater schedules the reload that serves the config as written (the routes served by
+// spares get their own backends, the backends of removed routes go) ConsolidateAfter after the
+// last route added or removed, and no later than consolidateMaxDelay ConsolidateAfters after the
+// first: a steady stream of changes does not put it off for ever.
 func (p *Process) consolidateLater() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.stopped {
 		return
 	}
+	delay := p.consolidateAfter
+	if !p.ov.since.IsZero() {
+		latest := p.ov.since.Add(consolidateMaxDelay * p.consolidateAfter)
+		delay = max(min(delay, time.Until(latest)), 0)
+	}
 	if p.consolidate == nil {
-		p.consolidate = time.AfterFunc(p.consolidateAfter, p.consolidateNow)
+		p.consolidate = time.AfterFunc(delay, p.consolidateNow)
 		return
 	}
-	p.consolidate.Reset(p.consolidateAfter)
+	p.consolidate.Reset(delay)
 }
 
 func (p *Process) consolidateNow() {
@@ -671,11 +861,11 @@ func (p *Process) consolidateNow() {
 	if err != nil {
 		if p.life.Err() == nil {
 			// The spares keep serving their routes; the next reload tries again.
-			p.log.Error("haproxy: the reload that gives added routes their own backends failed", "error", err)
+			p.log.Error("haproxy: the reload that serves the config as written (routes added and removed through the runtime API) failed", "error", err)
 		}
 		return
 	}
-	p.log.Info("haproxy reloaded: the routes added through the runtime API have their own backends")
+	p.log.Info("haproxy reloaded: the routes added through the runtime API have their own backends, and those removed are gone")
 }
 
 // changeServers adds every new server first (so a backend whose servers are replaced never goes

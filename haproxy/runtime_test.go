@@ -243,7 +243,7 @@ func TestUpdateServersRefusesOrFailsAndApplyRepairs(t *testing.T) {
 // diffServers is Diff for a config that adds no route: ok is false when new adds a backend.
 func diffServers(old, new []byte) (changes []ServerChange, ok bool) {
 	d, ok := Diff(old, new)
-	if !ok || len(d.Backends) > 0 || len(d.MapAdds) > 0 {
+	if !ok || len(d.Backends) > 0 || len(d.MapAdds) > 0 || len(d.MapDels) > 0 || len(d.Removed) > 0 {
 		return nil, false
 	}
 	return d.Servers, true
