@@ -266,7 +266,8 @@ const churnInFlight = 64
 
 // churnRows sends requests through the proxy to a routed service from Connections/4 keep-alive
 // clients for ChurnDuration while reconfigure is called ChurnRate times a second, alternating a
-// second path on another service, which each time changes the ACLs and so needs a reload.
+// second path and a server timeout on another service: the timeout changes its backend's settings,
+// which only a reload serves (a path alone goes through the runtime API).
 func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 	target, targetHost := w.proxyURL(serviceName(n/2)), w.host(serviceName(n/2))
 	other := serviceName((n/2 + 1) % n)
@@ -308,10 +309,12 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 		case <-tick.C:
 		}
 		paths := servicePath(other)
+		q := url.Values{"serviceName": {other}}
 		if i%2 == 0 {
 			paths += "," + servicePath(other+"-alt")
+			q.Set("timeoutServer", "31")
 		}
-		q := url.Values{"serviceName": {other}, "servicePath": {paths}}
+		q.Set("servicePath", paths)
 		if h.cfg.Domains {
 			q.Set("serviceDomain", serviceDomain(other))
 		}
