@@ -90,6 +90,16 @@ func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool
 		}
 	}
 	h.say("item 1 at %d services, the samples in order (ms): %s", n, msList(lat))
+	// The same routes' paths changed, one after the other.
+	var moved []time.Duration
+	for s := 0; s < len(lat) && err == nil; s++ {
+		name := fmt.Sprintf("new-%05d", s)
+		var l time.Duration
+		if l, _, err = w.reconfigureTo(ctx, name, movedPath(name)); err == nil {
+			moved = append(moved, l)
+		}
+	}
+	h.say("item 1 at %d services, path changes, the samples in order (ms): %s", n, msList(moved))
 	target := ""
 	var limit time.Duration
 	switch n {
@@ -108,6 +118,9 @@ func (h *harness) latencyRows(ctx context.Context, w *world, n int, largest bool
 	h.add(Row{Item: 1, Measure: "reconfigure to first 200, p90", Services: n, Value: fmtMS(p90), Num: ms(p90), Err: err})
 	cm := percentile(call, 50)
 	h.add(Row{Item: 1, Measure: "reconfigure call alone, median", Services: n, Value: fmtMS(cm), Num: ms(cm), Err: err})
+	mm, m90 := percentile(moved, 50), percentile(moved, 90)
+	h.add(Row{Item: 1, Measure: "a route's path changed, reconfigure to first 200 on the new path, median / p90", Services: n,
+		Value: fmtMS(mm) + " / " + fmtMS(m90), Num: ms(mm), Err: err})
 }
 
 // msList is durations as whole milliseconds, separated by spaces.
@@ -126,7 +139,17 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 	if err := w.register(ctx, name, name+"-0", w.backends.addr(0), w.backends.port, s%w.nodes()); err != nil {
 		return 0, 0, err
 	}
-	q := url.Values{"serviceName": {name}, "servicePath": {servicePath(name)}}
+	return w.reconfigureTo(ctx, name, servicePath(name))
+}
+
+// movedPath is the path that the samples of a route's path change give service name.
+func movedPath(name string) string { return "/" + name + "-moved/" }
+
+// reconfigureTo calls reconfigure for service name with path and polls path through the proxy, on
+// new connections, until the backend answers: latency is from sending reconfigure to that first
+// 200; call is the call's own duration.
+func (w *world) reconfigureTo(ctx context.Context, name, path string) (latency, call time.Duration, err error) {
+	q := url.Values{"serviceName": {name}, "servicePath": {path}}
 	if w.h.cfg.Domains {
 		q.Set("serviceDomain", serviceDomain(name))
 	}
@@ -140,7 +163,7 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 	go func() {
 		c := newClient(5 * time.Second)
 		for pctx.Err() == nil {
-			if ok, _ := w.fromBackend(pctx, c, w.proxyURL(name), w.host(name)); ok {
+			if ok, _ := w.fromBackend(pctx, c, "http://127.0.0.1:"+strconv.Itoa(w.httpPort)+path+"x", w.host(name)); ok {
 				served <- time.Since(t0)
 				return
 			}
