@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -686,4 +688,136 @@ func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
 		t.Fatalf("the reload came %s after the first change, before the changes stopped", took)
 	}
 	t.Logf("the reload came %s after the first change", time.Since(t0).Round(time.Millisecond))
+}
+
+// Routes of a map added, removed, given other paths and taking one another's paths, changed
+// through the runtime API where it can (a reload where it cannot), route every request as a
+// HAProxy that loads each config afresh does: two real HAProxy processes serve the same tables and
+// are compared request by request after every change.
+func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
+	seed := time.Now().UnixNano()
+	rng := rand.New(rand.NewPCG(uint64(seed), 0))
+	t.Logf("seed %d", seed)
+	// Paths that are prefixes of one another, so that entries shadow one another.
+	vocab := []string{"/a", "/a/b", "/a/b/c", "/ab", "/b", "/b/c", "/c", "/c/d/e", "/d"}
+	ports := map[string]int{}
+	inst := func(name string) []route.Instance {
+		if _, ok := ports[name]; !ok {
+			ports[name] = startBackend(t, name)
+		}
+		return []route.Instance{{Address: "127.0.0.1", Port: ports[name]}}
+	}
+	table := map[string][]string{}
+	for i := 0; i < 12; i++ {
+		name := fmt.Sprintf("r%02d", i)
+		table[name] = []string{"/" + name}
+		if i%3 == 0 {
+			table[name] = append(table[name], vocab[rng.IntN(len(vocab))])
+		}
+	}
+	type side struct {
+		s Settings
+		p *Process
+	}
+	start := func(consolidate time.Duration) side {
+		dir := t.TempDir()
+		s := DefaultSettings()
+		s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+		s.StatsSocket, s.MapsDir, s.SpareBackends = filepath.Join(dir, "haproxy.sock"), filepath.Join(dir, "maps"), 4
+		return side{s, NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+			ReloadTimeout: 10 * time.Second, ConsolidateAfter: consolidate})}
+	}
+	render := func(sd side) []byte {
+		var bs []route.Backend
+		for name, paths := range table {
+			bs = append(bs, newRoute(name, inst(name), paths...))
+		}
+		return Render(sd.s, bs)
+	}
+	ctx := ctxFor(t, 3*time.Minute)
+	runtime, fresh := start(time.Hour), start(time.Hour)
+	for _, sd := range []side{runtime, fresh} {
+		if err := sd.p.Start(ctx, render(sd)); err != nil {
+			t.Fatalf("Start: %v", err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = sd.p.Stop(ctx)
+		})
+	}
+	var paths []string
+	for _, p := range vocab {
+		paths = append(paths, p, p+"/x", p+"x")
+	}
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	answer := func(port int, path string) string {
+		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", port, path))
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return fmt.Sprintf("%d %s", resp.StatusCode, body)
+	}
+	names := func() []string {
+		var out []string
+		for name := range table {
+			out = append(out, name)
+		}
+		slices.Sort(out)
+		return out
+	}
+	byRuntime := 0
+	for step, next := 0, 12; step < 30; step++ {
+		ns := names()
+		some := ns[rng.IntN(len(ns))]
+		var what string
+		switch op := rng.IntN(4); {
+		case op == 0 || len(ns) <= MinMapRoutes+1:
+			name := fmt.Sprintf("r%02d", next)
+			next++
+			table[name] = []string{"/" + name, vocab[rng.IntN(len(vocab))]}
+			what = "added " + name
+		case op == 1:
+			delete(table, some)
+			what = "removed " + some
+		case op == 2:
+			table[some] = []string{"/" + some, vocab[rng.IntN(len(vocab))]}
+			what = "new paths for " + some
+		default:
+			// A path of one route moves to another.
+			other := ns[rng.IntN(len(ns))]
+			if len(table[some]) > 1 && other != some {
+				p := table[some][1]
+				table[some] = table[some][:1]
+				table[other] = append(slices.Clone(table[other][:1]), p)
+			}
+			what = "a path of " + some + " to " + other
+		}
+		if _, err := runtime.p.UpdateServers(ctx, render(runtime)); err == nil {
+			byRuntime++
+		} else if !errors.Is(err, ErrNeedsReload) {
+			t.Fatalf("step %d (%s): UpdateServers: %v", step, what, err)
+		} else if err := runtime.p.Apply(ctx, render(runtime)); err != nil {
+			t.Fatalf("step %d (%s): Apply: %v", step, what, err)
+		}
+		if err := fresh.p.Reload(ctx, render(fresh)); err != nil {
+			t.Fatalf("step %d (%s): Reload: %v", step, what, err)
+		}
+		asked := slices.Clone(paths)
+		for _, name := range names() {
+			asked = append(asked, "/"+name+"/x")
+		}
+		for _, path := range asked {
+			if got, want := answer(runtime.s.HTTPPort, path), answer(fresh.s.HTTPPort, path); got != want {
+				t.Fatalf("step %d (%s): %s answered %q through the runtime API, %q after a reload (table %v)",
+					step, what, path, got, want, table)
+			}
+		}
+	}
+	if byRuntime < 10 {
+		t.Fatalf("only %d of 30 changes went through the runtime API", byRuntime)
+	}
+	t.Logf("%d of 30 changes went through the runtime API", byRuntime)
 }
