@@ -690,10 +690,10 @@ func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
 	t.Logf("the reload came %s after the first change", time.Since(t0).Round(time.Millisecond))
 }
 
-// Routes of a map added, removed, given other paths and taking one another's paths, changed
-// through the runtime API where it can (a reload where it cannot), route every request as a
-// HAProxy that loads each config afresh does: two real HAProxy processes serve the same tables and
-// are compared request by request after every change.
+// Routes of a map (by path, and by domain and path) added, removed, given other paths and taking
+// one another's paths, changed through the runtime API where it can (a reload where it cannot),
+// route every request as a HAProxy that loads each config afresh does: two real HAProxy processes
+// serve the same tables and are compared request by request after every change.
 func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 	seed := time.Now().UnixNano()
 	rng := rand.New(rand.NewPCG(uint64(seed), 0))
@@ -708,11 +708,17 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		return []route.Instance{{Address: "127.0.0.1", Port: ports[name]}}
 	}
 	table := map[string][]string{}
-	for i := 0; i < 12; i++ {
+	hostOf := map[string]string{} // the route's domain, if it has one
+	hosts := []string{"", "a.test", "b.test"}
+	for i := 0; i < 24; i++ {
 		name := fmt.Sprintf("r%02d", i)
 		table[name] = []string{"/" + name}
 		if i%3 == 0 {
 			table[name] = append(table[name], vocab[rng.IntN(len(vocab))])
+		}
+		hostOf[name] = hosts[i%2+1]
+		if i >= 12 {
+			hostOf[name] = ""
 		}
 	}
 	type side struct {
@@ -730,7 +736,11 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 	render := func(sd side) []byte {
 		var bs []route.Backend
 		for name, paths := range table {
-			bs = append(bs, newRoute(name, inst(name), paths...))
+			b := newRoute(name, inst(name), paths...)
+			if h := hostOf[name]; h != "" {
+				b.Route.ServiceDomain = []string{h}
+			}
+			bs = append(bs, b)
 		}
 		return Render(sd.s, bs)
 	}
@@ -751,8 +761,10 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		paths = append(paths, p, p+"/x", p+"x")
 	}
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	answer := func(port int, path string) string {
-		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", port, path))
+	answer := func(port int, host, path string) string {
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
+		req.Host = host
+		resp, err := c.Do(req)
 		if err != nil {
 			t.Fatalf("GET %s: %v", path, err)
 		}
@@ -769,15 +781,16 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		return out
 	}
 	byRuntime := 0
-	for step, next := 0, 12; step < 30; step++ {
+	for step, next := 0, 24; step < 30; step++ {
 		ns := names()
 		some := ns[rng.IntN(len(ns))]
 		var what string
 		switch op := rng.IntN(4); {
-		case op == 0 || len(ns) <= MinMapRoutes+1:
+		case op == 0 || len(ns) <= 2*MinMapRoutes+1:
 			name := fmt.Sprintf("r%02d", next)
 			next++
 			table[name] = []string{"/" + name, vocab[rng.IntN(len(vocab))]}
+			hostOf[name] = hosts[rng.IntN(len(hosts))]
 			what = "added " + name
 		case op == 1:
 			delete(table, some)
@@ -810,9 +823,11 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 			asked = append(asked, "/"+name+"/x")
 		}
 		for _, path := range asked {
-			if got, want := answer(runtime.s.HTTPPort, path), answer(fresh.s.HTTPPort, path); got != want {
-				t.Fatalf("step %d (%s): %s answered %q through the runtime API, %q after a reload (table %v)",
-					step, what, path, got, want, table)
+			for _, host := range []string{"a.test", "B.test:80"} { // and the routes without a domain where none of theirs matches
+				if got, want := answer(runtime.s.HTTPPort, host, path), answer(fresh.s.HTTPPort, host, path); got != want {
+					t.Fatalf("step %d (%s): %s%s answered %q through the runtime API, %q after a reload (table %v, domains %v)",
+						step, what, host, path, got, want, table, hostOf)
+				}
 			}
 		}
 	}
