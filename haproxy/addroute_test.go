@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -198,12 +199,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 // needs more spares than are free is refused and a reload serves it; once no route has been added
 // for ConsolidateAfter, a reload gives the routes their own backends.
 func TestRoutesAddedWithoutReload(t *testing.T) {
-	dir := t.TempDir()
-	s := DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
-	s.MapsDir = filepath.Join(dir, "maps")
-	s.SpareBackends = 2
+	s, p := runtimeSetup(t, 2, time.Hour)
 	routes := map[string]route.Backend{}
 	serve := func(name string, bodies ...string) {
 		var inst []route.Instance
@@ -212,30 +208,13 @@ func TestRoutesAddedWithoutReload(t *testing.T) {
 		}
 		routes[name] = newRoute(name, inst, "/"+name)
 	}
-	render := func() []byte {
-		var bs []route.Backend
-		for _, b := range routes {
-			bs = append(bs, b)
-		}
-		return Render(s, bs)
-	}
+	render := func() []byte { return Render(s, slices.Collect(maps.Values(routes))) }
 	for i := 0; i < MinMapRoutes+1; i++ {
 		name := fmt.Sprintf("svc-%d", i)
 		serve(name, name)
 	}
-	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
-		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
 	ctx := ctxFor(t, 60*time.Second)
-	if err := p.Start(ctx, render()); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.Stop(ctx); err != nil {
-			t.Errorf("Stop: %v", err)
-		}
-	})
+	startForTest(ctx, t, p, render())
 	// Requests to a route of the map all along: none may fail.
 	load := startPathLoad(t, s.HTTPPort, "/svc-3/x", "svc-3")
 	reloads := showProc(t, p).Reloads
@@ -463,12 +442,7 @@ func BenchmarkDiffServedParsedAddedRoute(b *testing.B) {
 // A route by domain added to a map by host and path is served at once, through the runtime API
 // with no reload, for its host in any case and with a port, and not for other hosts.
 func TestRouteByDomainAddedWithoutReload(t *testing.T) {
-	dir := t.TempDir()
-	s := DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
-	s.MapsDir = filepath.Join(dir, "maps")
-	s.SpareBackends = 2
+	s, p := runtimeSetup(t, 2, time.Hour)
 	var bs []route.Backend
 	byDomain := func(name string) route.Backend {
 		b := newRoute(name, []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}, "/")
@@ -484,19 +458,8 @@ func TestRouteByDomainAddedWithoutReload(t *testing.T) {
 	if !strings.Contains(string(first), "var(txn.dfp_host_path),map_beg(") {
 		t.Fatalf("the routes by domain are not in a map:\n%s", first)
 	}
-	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
-		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
 	ctx := ctxFor(t, 60*time.Second)
-	if err := p.Start(ctx, first); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.Stop(ctx); err != nil {
-			t.Errorf("Stop: %v", err)
-		}
-	})
+	startForTest(ctx, t, p, first)
 	reloads := showProc(t, p).Reloads
 	if _, err := p.UpdateServers(ctx, Render(s, append(bs, byDomain("new")))); err != nil {
 		t.Fatalf("UpdateServers with a new route by domain: %v", err)
@@ -527,40 +490,18 @@ func TestRouteByDomainAddedWithoutReload(t *testing.T) {
 // once through the runtime API, with no reload and no failed request to the other routes; the
 // reload ConsolidateAfter later drops the backends no longer used.
 func TestRoutesRemovedWithoutReload(t *testing.T) {
-	dir := t.TempDir()
-	s := DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
-	s.MapsDir = filepath.Join(dir, "maps")
-	s.SpareBackends = 2
+	s, p := runtimeSetup(t, 2, time.Hour)
 	routes := map[string]route.Backend{}
 	serve := func(name string, paths ...string) {
 		routes[name] = newRoute(name, []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}, paths...)
 	}
-	render := func() []byte {
-		var bs []route.Backend
-		for _, b := range routes {
-			bs = append(bs, b)
-		}
-		return Render(s, bs)
-	}
+	render := func() []byte { return Render(s, slices.Collect(maps.Values(routes))) }
 	for i := 0; i < MinMapRoutes+2; i++ {
 		name := fmt.Sprintf("svc-%d", i)
 		serve(name, "/"+name)
 	}
-	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
-		ReloadTimeout: 10 * time.Second, ConsolidateAfter: time.Hour})
 	ctx := ctxFor(t, 60*time.Second)
-	if err := p.Start(ctx, render()); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.Stop(ctx); err != nil {
-			t.Errorf("Stop: %v", err)
-		}
-	})
+	startForTest(ctx, t, p, render())
 	load := startPathLoad(t, s.HTTPPort, "/svc-3/x", "svc-3")
 	reloads := showProc(t, p).Reloads
 	status := func(path string) string {
@@ -651,26 +592,11 @@ func TestRoutesRemovedWithoutReload(t *testing.T) {
 // Changes through the runtime API that keep coming put the consolidating reload off by at most
 // consolidateMaxDelay ConsolidateAfters.
 func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
-	dir := t.TempDir()
-	s := DefaultSettings()
-	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	s.StatsSocket = filepath.Join(dir, "haproxy.sock")
-	s.MapsDir = filepath.Join(dir, "maps")
-	bs := plainRoutes(MinMapRoutes + 4*consolidateMaxDelay)
 	const after = 200 * time.Millisecond
-	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
-		ReloadTimeout: 10 * time.Second, ConsolidateAfter: after})
+	s, p := runtimeSetup(t, DefaultSpareBackends, after)
+	bs := plainRoutes(MinMapRoutes + 4*consolidateMaxDelay)
 	ctx := ctxFor(t, 60*time.Second)
-	if err := p.Start(ctx, Render(s, bs)); err != nil {
-		t.Fatalf("Start: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.Stop(ctx); err != nil {
-			t.Errorf("Stop: %v", err)
-		}
-	})
+	startForTest(ctx, t, p, Render(s, bs))
 	reloads := showProc(t, p).Reloads
 	t0 := time.Now()
 	// A route is removed every after/2: each removal alone would put the reload off by after.
@@ -725,13 +651,9 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		s Settings
 		p *Process
 	}
-	start := func(consolidate time.Duration) side {
-		dir := t.TempDir()
-		s := DefaultSettings()
-		s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-		s.StatsSocket, s.MapsDir, s.SpareBackends = filepath.Join(dir, "haproxy.sock"), filepath.Join(dir, "maps"), 4
-		return side{s, NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
-			ReloadTimeout: 10 * time.Second, ConsolidateAfter: consolidate})}
+	start := func() side {
+		s, p := runtimeSetup(t, 4, time.Hour)
+		return side{s, p}
 	}
 	render := func(sd side) []byte {
 		var bs []route.Backend
@@ -745,16 +667,9 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		return Render(sd.s, bs)
 	}
 	ctx := ctxFor(t, 3*time.Minute)
-	runtime, fresh := start(time.Hour), start(time.Hour)
+	runtime, fresh := start(), start()
 	for _, sd := range []side{runtime, fresh} {
-		if err := sd.p.Start(ctx, render(sd)); err != nil {
-			t.Fatalf("Start: %v", err)
-		}
-		t.Cleanup(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			_ = sd.p.Stop(ctx)
-		})
+		startForTest(ctx, t, sd.p, render(sd))
 	}
 	var paths []string
 	for _, p := range vocab {
@@ -835,4 +750,31 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		t.Fatalf("only %d of 30 changes went through the runtime API", byRuntime)
 	}
 	t.Logf("%d of 30 changes went through the runtime API", byRuntime)
+}
+
+// runtimeSetup is a Process, not started yet, and the settings of its configs: HAProxy on a free
+// port of 127.0.0.1, with a stats socket, maps and spares spare backends.
+func runtimeSetup(t *testing.T, spares int, consolidateAfter time.Duration) (Settings, *Process) {
+	dir := t.TempDir()
+	s := DefaultSettings()
+	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
+	s.StatsSocket, s.MapsDir, s.SpareBackends = filepath.Join(dir, "haproxy.sock"), filepath.Join(dir, "maps"), spares
+	p := NewProcess(Options{Binary: testenv.HAProxyBin(t), Dir: dir, Logger: testLogger(),
+		ReloadTimeout: 10 * time.Second, ConsolidateAfter: consolidateAfter})
+	return s, p
+}
+
+// startRuntime starts p on cfg and stops it when the test ends.
+func startForTest(ctx context.Context, t *testing.T, p *Process, cfg []byte) {
+	t.Helper()
+	if err := p.Start(ctx, cfg); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Stop(ctx); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	})
 }
