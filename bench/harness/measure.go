@@ -321,6 +321,10 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 			}
 		})
 	}
+	// HAProxy's memory while it reloads: a reload starts a worker that parses the whole config,
+	// and the old one serves its connections until they end.
+	peak := make(chan haproxyPeak, 1)
+	go func() { peak <- w.sampleHAProxy(cctx) }()
 	var calls, callErrs, skipped atomic.Int64
 	inflight := make(chan struct{}, churnInFlight)
 	tick := time.NewTicker(time.Second / time.Duration(h.cfg.ChurnRate))
@@ -361,6 +365,7 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 	}
 	tick.Stop()
 	wg.Wait()
+	pk := <-peak
 	after, aerr := w.srv.HAProxy().ShowProc(ctx)
 	reloads := "?"
 	if perr == nil && aerr == nil {
@@ -376,6 +381,51 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 	f := float64(failed.Load())
 	h.add(Row{Item: 4, Measure: "failed requests while reconfiguring (" + how + ")", Services: n,
 		Value: fmt.Sprintf("%d of %d", failed.Load(), total.Load()), Num: f, Target: "0", Met: verdict(err == nil && f == 0 && callErrs.Load() == 0), Err: err})
+	h.add(Row{Item: 4, Measure: fmt.Sprintf("HAProxy's memory during it, every %s: the most RSS of its processes together / the most processes", peakEvery),
+		Services: n, Value: fmt.Sprintf("%.0f MB / %d", pk.rss, pk.procs), Num: pk.rss, Err: pk.err})
+}
+
+// peakEvery is how often sampleHAProxy reads HAProxy's processes.
+const peakEvery = 100 * time.Millisecond
+
+// haproxyPeak is the most memory HAProxy's processes (master, workers and old workers) held
+// together, and the most of them, in the samples of a run.
+type haproxyPeak struct {
+	rss   float64 // MB
+	procs int
+	err   error
+}
+
+// sampleHAProxy reads HAProxy's processes from the master CLI every peakEvery until ctx ends, and
+// returns the peak. A process that ends between the CLI's answer and the read of its memory
+// counts for nothing.
+func (w *world) sampleHAProxy(ctx context.Context) haproxyPeak {
+	var pk haproxyPeak
+	tick := time.NewTicker(peakEvery)
+	defer tick.Stop()
+	for {
+		info, err := w.srv.HAProxy().ShowProc(ctx)
+		if err == nil {
+			total := 0.0
+			pids := append(append([]int{info.MasterPID}, info.Workers...), info.OldWorkers...)
+			for _, pid := range pids {
+				if mb, err := vmRSS(pid); err == nil {
+					total += mb
+				}
+			}
+			pk.rss, pk.procs = max(pk.rss, total), max(pk.procs, len(pids))
+		} else if ctx.Err() == nil && pk.err == nil {
+			pk.err = err
+		}
+		select {
+		case <-ctx.Done():
+			if pk.procs > 0 {
+				pk.err = nil // some samples failed, as a reload may make them; the others count
+			}
+			return pk
+		case <-tick.C:
+		}
+	}
 }
 
 // Where the time goes, at the largest size.
