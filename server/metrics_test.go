@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/docker-flow-proxy/docker-flow-proxy/haproxy"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -242,4 +243,46 @@ func TestMetricsCountHAProxyRestarts(t *testing.T) {
 	eventually(t, 30*time.Second, "/metrics counts the restart of HAProxy", func() bool {
 		return p.scrape(t).get(t, mRestarts) > before
 	})
+}
+
+// Routes by domain, enough of them to be routed through a map: a remove and a path change go
+// through HAProxy's runtime API, and are served at once.
+func TestRemoveAndPathChangeOfMappedRoutesGoThroughTheRuntimeAPI(t *testing.T) {
+	e := newEnv(t)
+	p := e.startProxy("docker-flow")
+	for i := 0; i < haproxy.MinMapRoutes+1; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		e.backend(name, name+"-1")
+		p.reconfigure(t, "serviceName="+name+"&servicePath=/"+name+"&serviceDomain="+name+".example.com")
+	}
+	if !strings.Contains(p.config(t), "var(txn.dfp_host_path),map_beg(") {
+		t.Fatalf("the routes by domain are not in a map:\n%s", p.config(t))
+	}
+	hostGet := func(host, path string) (int, string) {
+		return get(t, p.http+path, http.Header{"Host": {host}})
+	}
+	if code, body := hostGet("svc-1.example.com", "/svc-1/x"); code != http.StatusOK || !strings.HasPrefix(body, "svc-1-1") {
+		t.Fatalf("svc-1 before the changes: %d %q", code, body)
+	}
+	s0 := p.scrape(t)
+	if code, r := p.call(t, "/v1/docker-flow-proxy/remove?serviceName=svc-1"); code != http.StatusOK {
+		t.Fatalf("remove: %d %+v", code, r)
+	}
+	if code, _ := hostGet("svc-1.example.com", "/svc-1/x"); code != http.StatusServiceUnavailable {
+		t.Fatalf("svc-1 after its remove answers %d, want 503", code)
+	}
+	p.reconfigure(t, "serviceName=svc-2&servicePath=/svc-2-moved&serviceDomain=svc-2.example.com")
+	if code, body := hostGet("svc-2.example.com", "/svc-2-moved/x"); code != http.StatusOK || !strings.HasPrefix(body, "svc-2-1") {
+		t.Fatalf("svc-2 on its new path: %d %q", code, body)
+	}
+	if code, _ := hostGet("svc-2.example.com", "/svc-2/x"); code != http.StatusServiceUnavailable {
+		t.Fatalf("svc-2 on its old path answers %d, want 503", code)
+	}
+	s1 := p.scrape(t)
+	if got := s1.get(t, mRuntimeOK) - s0.get(t, mRuntimeOK); got != 2 {
+		t.Fatalf("runtime-API updates rose by %v for a remove and a path change, want 2", got)
+	}
+	if code, body := hostGet("svc-3.example.com", "/svc-3/x"); code != http.StatusOK || !strings.HasPrefix(body, "svc-3-1") {
+		t.Fatalf("svc-3 after the changes: %d %q", code, body)
+	}
 }
