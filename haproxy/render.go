@@ -43,8 +43,9 @@ type Settings struct {
 	StatsUser *route.User
 	// MapsDir, when set, is the folder of the map files that route the plain routes (path_beg, no
 	// aclName; by path, or by host and path when they have domains): one map lookup stands for
-	// thousands of acl and use_backend lines, which HAProxy parses on every reload. The maps are written at the end of the config as comments
-	// ("#map <file>" and its "#  <path> <backend>" lines), and Process writes the files.
+	// thousands of acl and use_backend lines, which HAProxy parses on every reload. The maps are
+	// written at the end of the config as comments ("#map <file>" and its "#    <key> <backend>"
+	// lines), and Process writes the files.
 	MapsDir string
 	// SpareBackends is how many empty backends a config with maps carries (SparePrefix1, ...): a
 	// route added to a map is served at once from one of them, through the runtime API, until the
@@ -287,7 +288,7 @@ const (
 
 type mapFile struct {
 	path    string
-	entries [][2]string // path prefix, backend
+	entries [][2]string // key (a path prefix, or a domain and a path prefix), backend
 }
 
 // newMapFile makes the map of a run of plain routes, each route's paths in routing order (by host
