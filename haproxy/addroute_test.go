@@ -621,9 +621,15 @@ func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
 // route every request as a HAProxy that loads each config afresh does: two real HAProxy processes
 // serve the same tables and are compared request by request after every change.
 func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
-	seed := time.Now().UnixNano()
-	rng := rand.New(rand.NewPCG(uint64(seed), 0))
-	t.Logf("seed %d", seed)
+	seed := uint64(time.Now().UnixNano())
+	if v := os.Getenv("DFP_RUNTIME_SEED"); v != "" { // to replay a failure
+		var err error
+		if seed, err = strconv.ParseUint(v, 10, 64); err != nil {
+			t.Fatalf("DFP_RUNTIME_SEED: %v", err)
+		}
+	}
+	rng := rand.New(rand.NewPCG(seed, 0))
+	t.Logf("seed %d (DFP_RUNTIME_SEED replays it)", seed)
 	// Paths that are prefixes of one another, so that entries shadow one another.
 	vocab := []string{"/a", "/a/b", "/a/b/c", "/ab", "/b", "/b/c", "/c", "/c/d/e", "/d"}
 	ports := map[string]int{}
