@@ -109,22 +109,14 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	// Backends side by side: those of old in the same order, new ones in between, removed ones
 	// left out. The names of each side are only needed where the two differ.
 	var oldNames, newNames map[string]bool
-	names := func(pc *parsedConfig, set *map[string]bool) map[string]bool {
-		if *set == nil {
-			*set = make(map[string]bool, len(pc.backends))
-			for _, b := range pc.backends {
-				(*set)[b.name] = true
-			}
-		}
-		return *set
-	}
+	nameOf := func(b backendPart) string { return b.name }
 	isNew := make([]bool, len(n.backends))
 	pair := make([]int, len(n.backends)) // index in o.backends
 	removed := map[int]bool{}            // index in o.backends
 	i := 0
 	remove := func() bool {
 		name := o.backends[i].name
-		if strings.HasPrefix(name, SparePrefix) || names(n, &newNames)[name] {
+		if strings.HasPrefix(name, SparePrefix) || lazySet(&newNames, n.backends, nameOf)[name] {
 			return false // a spare removed, or the order changed
 		}
 		removed[i] = true
@@ -138,7 +130,7 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 			i++
 			continue
 		}
-		if !names(o, &oldNames)[n.backends[j].name] {
+		if !lazySet(&oldNames, o.backends, nameOf)[n.backends[j].name] {
 			isNew[j] = true
 			continue
 		}
@@ -295,22 +287,14 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 // sent through the runtime API.
 func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool) {
 	var inOld, inNew map[string]bool // only needed where the two differ
-	set := func(es []string, s *map[string]bool) map[string]bool {
-		if *s == nil {
-			*s = make(map[string]bool, len(es))
-			for _, e := range es {
-				(*s)[e] = true
-			}
-		}
-		return *s
-	}
+	itself := func(e string) string { return e }
 	entry := func(e string) (MapAdd, bool) {
 		key, be, ok := strings.Cut(e, " ")
 		return MapAdd{Map: m, Key: key, Backend: be}, ok && runtimeKey(key) && !strings.Contains(be, " ")
 	}
 	i := 0
 	for _, e := range ne {
-		for i < len(oe) && oe[i] != e && !set(ne, &inNew)[oe[i]] {
+		for i < len(oe) && oe[i] != e && !lazySet(&inNew, ne, itself)[oe[i]] {
 			del, ok := entry(oe[i])
 			if !ok {
 				return nil, nil, nil, false
@@ -322,7 +306,7 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool)
 			i++
 			continue
 		}
-		if set(oe, &inOld)[e] {
+		if lazySet(&inOld, oe, itself)[e] {
 			return nil, nil, nil, false // the order changed
 		}
 		add, ok := entry(e)
@@ -332,7 +316,7 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool)
 		adds = append(adds, add)
 	}
 	for ; i < len(oe); i++ {
-		if set(ne, &inNew)[oe[i]] {
+		if lazySet(&inNew, ne, itself)[oe[i]] {
 			return nil, nil, nil, false
 		}
 		del, ok := entry(oe[i])
@@ -365,6 +349,17 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool)
 		adds = kept
 	}
 	return adds, sets, dels, true
+}
+
+// lazySet returns the set of the keys of es, built into *s on the first call.
+func lazySet[E any](s *map[string]bool, es []E, key func(E) string) map[string]bool {
+	if *s == nil {
+		*s = make(map[string]bool, len(es))
+		for _, e := range es {
+			(*s)[key(e)] = true
+		}
+	}
+	return *s
 }
 
 // runtimeKey reports whether a map key can be sent as one word of a runtime API command: no
