@@ -61,7 +61,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		newMap := mapUse.FindStringSubmatch(string(next))[1]
 		want := Delta{
 			Backends: []ServerChange{{Backend: "new-be", Add: []Server{{Name: "10.1.0.1:8080", Addr: "10.1.0.1:8080", Check: true}}}},
-			MapAdds:  []MapAdd{{Map: oldMap, Key: "/new", Backend: "new-be"}},
+			MapAdds:  []MapEntry{{Map: oldMap, Key: "/new", Backend: "new-be"}},
 			Renamed:  map[string]string{newMap: oldMap},
 		}
 		if !reflect.DeepEqual(d, want) {
@@ -86,7 +86,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 			t.Fatalf("Diff refuses a route by domain added to the map by host and path:\n%s", next)
 		}
 		m := mapUse.FindStringSubmatch(string(oldHosts))[1]
-		want := []MapAdd{{Map: m, Key: "new.example.com/new", Backend: "new-be"}, {Map: m, Key: "new.example.org/new", Backend: "new-be"}}
+		want := []MapEntry{{Map: m, Key: "new.example.com/new", Backend: "new-be"}, {Map: m, Key: "new.example.org/new", Backend: "new-be"}}
 		if !reflect.DeepEqual(d.MapAdds, want) || len(d.Backends) != 1 {
 			t.Fatalf("Diff = %+v\nwant the map adds %+v and one backend", d, want)
 		}
@@ -96,7 +96,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		d, ok := Diff(old, next)
 		newMap := mapUse.FindStringSubmatch(string(next))[1]
 		want := Delta{
-			MapDels: []MapAdd{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-be"}},
+			MapDels: []MapEntry{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-be"}},
 			Removed: []string{"svc-0-be"},
 			Renamed: map[string]string{newMap: oldMap},
 		}
@@ -108,7 +108,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		changed := append([]route.Backend{}, base...)
 		changed[3].Route.ServicePath = []string{"/svc-3-new", "/svc-3-other"}
 		d, ok := Diff(old, Render(s, changed))
-		want := []MapAdd{{Map: oldMap, Key: "/svc-3-new", Backend: "svc-3-be"}, {Map: oldMap, Key: "/svc-3-other", Backend: "svc-3-be"}}
+		want := []MapEntry{{Map: oldMap, Key: "/svc-3-new", Backend: "svc-3-be"}, {Map: oldMap, Key: "/svc-3-other", Backend: "svc-3-be"}}
 		if !ok || !reflect.DeepEqual(d.MapAdds, want) || len(d.MapDels) != 1 || d.MapDels[0].Key != "/svc-3" ||
 			len(d.Removed) != 0 || len(d.Backends) != 0 {
 			t.Fatalf("Diff = %+v, %v", d, ok)
@@ -120,14 +120,14 @@ func TestDiffAddedRoutes(t *testing.T) {
 		withLong := with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others"))
 		d, ok := Diff(withLong, old)
 		m := mapUse.FindStringSubmatch(string(withLong))[1]
-		if !ok || len(d.MapAdds) != 0 || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: m, Key: "/svc-1", Backend: "svc-1-be"}}) ||
-			!reflect.DeepEqual(d.MapDels, []MapAdd{{Map: m, Key: "/a-path-longer-than-the-others", Backend: "long-be"}}) ||
+		if !ok || len(d.MapAdds) != 0 || !reflect.DeepEqual(d.MapSets, []MapEntry{{Map: m, Key: "/svc-1", Backend: "svc-1-be"}}) ||
+			!reflect.DeepEqual(d.MapDels, []MapEntry{{Map: m, Key: "/a-path-longer-than-the-others", Backend: "long-be"}}) ||
 			!reflect.DeepEqual(d.Removed, []string{"long-be"}) {
 			t.Fatalf("Diff = %+v, %v", d, ok)
 		}
 		// And the other way: long's /svc-1 takes the entry of route svc-1.
 		d, ok = Diff(old, withLong)
-		if !ok || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: oldMap, Key: "/svc-1", Backend: "long-be"}}) ||
+		if !ok || !reflect.DeepEqual(d.MapSets, []MapEntry{{Map: oldMap, Key: "/svc-1", Backend: "long-be"}}) ||
 			len(d.MapAdds) != 1 || len(d.MapDels) != 0 || len(d.Backends) != 1 {
 			t.Fatalf("Diff = %+v, %v", d, ok)
 		}
@@ -135,7 +135,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 	t.Run("a path moved to another route", func(t *testing.T) {
 		changed := append([]route.Backend{}, base[1:]...)
 		d, ok := Diff(old, Render(s, append(changed, newRoute("svc-0-next", one, "/svc-0"))))
-		if !ok || !reflect.DeepEqual(d.MapSets, []MapAdd{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-next-be"}}) ||
+		if !ok || !reflect.DeepEqual(d.MapSets, []MapEntry{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-next-be"}}) ||
 			!reflect.DeepEqual(d.Removed, []string{"svc-0-be"}) || len(d.Backends) != 1 {
 			t.Fatalf("Diff = %+v, %v", d, ok)
 		}

@@ -53,19 +53,19 @@ type Delta struct {
 	// Backends are the new backends, with their servers, in the order of the config.
 	Backends []ServerChange
 	// MapAdds are the entries added to maps, named by the file the served config uses.
-	MapAdds []MapAdd
+	MapAdds []MapEntry
 	// MapSets are the entries whose key stays in a map with another backend.
-	MapSets []MapAdd
+	MapSets []MapEntry
 	// MapDels are the entries removed from maps, named by the file the served config uses.
-	MapDels []MapAdd
+	MapDels []MapEntry
 	// Removed are the backends of the served config that the new one no longer has.
 	Removed []string
 	// Renamed maps the new config's map files to the served config's ones they extend.
 	Renamed map[string]string
 }
 
-// MapAdd is one entry added to (or removed from) a map.
-type MapAdd struct {
+// MapEntry is one entry of a map, added, changed or removed.
+type MapEntry struct {
 	Map, Key, Backend string
 }
 
@@ -285,12 +285,12 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 // new version: the entries added, those whose key stays with another backend (sets), and those
 // removed. ok is false when the entries both have are in another order, or when a key cannot be
 // sent through the runtime API.
-func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool) {
+func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapEntry, ok bool) {
 	var inOld, inNew map[string]bool // only needed where the two differ
 	itself := func(e string) string { return e }
-	entry := func(e string) (MapAdd, bool) {
+	entry := func(e string) (MapEntry, bool) {
 		key, be, ok := strings.Cut(e, " ")
-		return MapAdd{Map: m, Key: key, Backend: be}, ok && runtimeKey(key) && !strings.Contains(be, " ")
+		return MapEntry{Map: m, Key: key, Backend: be}, ok && runtimeKey(key) && !strings.Contains(be, " ")
 	}
 	i := 0
 	for _, e := range ne {
@@ -344,7 +344,7 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapAdd, ok bool)
 			for _, e := range sets {
 				set[e.Key] = true
 			}
-			dels = slices.DeleteFunc(dels, func(e MapAdd) bool { return set[e.Key] })
+			dels = slices.DeleteFunc(dels, func(e MapEntry) bool { return set[e.Key] })
 		}
 		adds = kept
 	}
@@ -668,13 +668,13 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	}
 	added, removed, err := p.changeServers(ctx, sock, changes)
 	if err == nil {
-		err = p.addMapEntries(ctx, sock, ov, delta.MapAdds)
+		err = p.changeMaps(ctx, sock, ov, "add map", delta.MapAdds)
 	}
 	if err == nil {
-		err = p.setMapEntries(ctx, sock, ov, delta.MapSets)
+		err = p.changeMaps(ctx, sock, ov, "set map", delta.MapSets)
 	}
 	if err == nil {
-		err = p.delMapEntries(ctx, sock, ov, delta.MapDels)
+		err = p.changeMaps(ctx, sock, ov, "del map", delta.MapDels)
 	}
 	if err == nil {
 		for newName, oldName := range delta.Renamed {
@@ -707,32 +707,16 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	return delta, nil
 }
 
-// addMapEntries adds the entries to the maps HAProxy loaded, each pointing to the backend that
-// serves its route now.
-func (p *Process) addMapEntries(ctx context.Context, sock string, ov overlay, adds []MapAdd) error {
-	for _, a := range adds {
-		if err := runtimeCmd(ctx, sock, "add map "+ov.mapFile(a.Map)+" "+a.Key+" "+ov.backend(a.Backend), ""); err != nil {
-			return err
+// changeMaps sends verb ("add map", "set map" or "del map") for each entry to the map HAProxy
+// loaded under the entry's map name: the entry's key, and for add and set the backend that serves
+// its route now.
+func (p *Process) changeMaps(ctx context.Context, sock string, ov overlay, verb string, es []MapEntry) error {
+	for _, e := range es {
+		cmd := verb + " " + ov.mapFile(e.Map) + " " + e.Key
+		if verb != "del map" {
+			cmd += " " + ov.backend(e.Backend)
 		}
-	}
-	return nil
-}
-
-// setMapEntries points entries of the maps HAProxy loaded to other backends, each to the backend
-// that serves its route now.
-func (p *Process) setMapEntries(ctx context.Context, sock string, ov overlay, sets []MapAdd) error {
-	for _, e := range sets {
-		if err := runtimeCmd(ctx, sock, "set map "+ov.mapFile(e.Map)+" "+e.Key+" "+ov.backend(e.Backend), ""); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// delMapEntries removes the entries from the maps HAProxy loaded.
-func (p *Process) delMapEntries(ctx context.Context, sock string, ov overlay, dels []MapAdd) error {
-	for _, e := range dels {
-		if err := runtimeCmd(ctx, sock, "del map "+ov.mapFile(e.Map)+" "+e.Key, ""); err != nil {
+		if err := runtimeCmd(ctx, sock, cmd, ""); err != nil {
 			return err
 		}
 	}
