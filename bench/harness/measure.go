@@ -163,7 +163,7 @@ func (w *world) reconfigureTo(ctx context.Context, name, path string) (latency, 
 	go func() {
 		c := newClient(5 * time.Second)
 		for pctx.Err() == nil {
-			if ok, _ := w.fromBackend(pctx, c, "http://127.0.0.1:"+strconv.Itoa(w.httpPort)+path+"x", w.host(name)); ok {
+			if ok, _ := w.fromBackend(pctx, c, pathURL(w.httpPort, path), w.host(name)); ok {
 				served <- time.Since(t0)
 				return
 			}
