@@ -409,7 +409,9 @@ func pipelined(ctx context.Context, port int, services []string, host func(strin
 func proxyURL(port int, service string) string { return pathURL(port, servicePath(service)) }
 
 // pathURL is a URL under path (which ends with '/') through the proxy listening on port.
-func pathURL(port int, path string) string { return "http://127.0.0.1:" + strconv.Itoa(port) + path + "x" }
+func pathURL(port int, path string) string {
+	return "http://127.0.0.1:" + strconv.Itoa(port) + path + "x"
+}
 
 // proxyURL is a URL of service's path through the world's server.
 func (w *world) proxyURL(service string) string { return proxyURL(w.httpPort, service) }
