@@ -464,21 +464,12 @@ func TestRouteByDomainAddedWithoutReload(t *testing.T) {
 	if _, err := p.UpdateServers(ctx, Render(s, append(bs, byDomain("new")))); err != nil {
 		t.Fatalf("UpdateServers with a new route by domain: %v", err)
 	}
-	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	for host, want := range map[string]string{
 		"new.example.com": "new", "NEW.Example.com:8000": "new", "svc-3.example.com": "svc-3",
 		"new.example.com.other": "any", "other.example.com": "any",
 	} {
-		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/x", s.HTTPPort), nil)
-		req.Host = host
-		resp, err := c.Do(req)
-		if err != nil {
-			t.Fatalf("GET /x for %s: %v", host, err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK || string(body) != want {
-			t.Errorf("GET /x for %s: %d %q, want %q", host, resp.StatusCode, body, want)
+		if code, body := getHost(t, s.HTTPPort, host, "/x"); code != http.StatusOK || body != want {
+			t.Errorf("GET /x for %s: %d %q, want %q", host, code, body, want)
 		}
 	}
 	if r := showProc(t, p).Reloads; r != reloads {
@@ -504,19 +495,14 @@ func TestRoutesRemovedWithoutReload(t *testing.T) {
 	startForTest(ctx, t, p, render())
 	load := startPathLoad(t, s.HTTPPort, "/svc-3/x", "svc-3")
 	reloads := showProc(t, p).Reloads
+	// The body of a 200, else the status code.
 	status := func(path string) string {
 		t.Helper()
-		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d%s", s.HTTPPort, path))
-		if err != nil {
-			t.Fatalf("GET %s: %v", path, err)
+		code, body := getHost(t, s.HTTPPort, "", path)
+		if code != http.StatusOK {
+			return strconv.Itoa(code)
 		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != http.StatusOK {
-			return strconv.Itoa(resp.StatusCode)
-		}
-		return string(body)
+		return body
 	}
 	update := func(what string) Delta {
 		t.Helper()
@@ -681,17 +667,9 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 	for _, p := range vocab {
 		paths = append(paths, p, p+"/x", p+"x")
 	}
-	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	answer := func(port int, host, path string) string {
-		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
-		req.Host = host
-		resp, err := c.Do(req)
-		if err != nil {
-			t.Fatalf("GET %s: %v", path, err)
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		return fmt.Sprintf("%d %s", resp.StatusCode, body)
+		code, body := getHost(t, port, host, path)
+		return fmt.Sprintf("%d %s", code, body)
 	}
 	names := func() []string {
 		var out []string
@@ -783,4 +761,28 @@ func startForTest(ctx context.Context, t *testing.T, p *Process, cfg []byte) {
 			t.Errorf("Stop: %v", err)
 		}
 	})
+}
+
+// getHost sends GET path to 127.0.0.1:port on a new connection, with the Host header host unless it
+// is empty, and returns the status and the body; it fails the test when no answer comes.
+func getHost(t *testing.T, port int, host, path string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	if host != "" {
+		req.Host = host
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s%s: %v", host, path, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s%s: %v", host, path, err)
+	}
+	return resp.StatusCode, string(body)
 }

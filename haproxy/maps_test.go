@@ -2,8 +2,6 @@ package haproxy
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -52,18 +50,10 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 			t.Fatalf("apply: %v", err)
 		}
 		out := map[string]string{}
-		c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 		for _, path := range paths {
 			for _, host := range hosts {
-				req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", front, path), nil)
-				req.Host = host
-				resp, err := c.Do(req)
-				if err != nil {
-					t.Fatalf("GET %s: %v", path, err)
-				}
-				body, _ := io.ReadAll(resp.Body)
-				resp.Body.Close()
-				out[host+path] = fmt.Sprintf("%d %s", resp.StatusCode, body)
+				code, body := getHost(t, front, host, path)
+				out[host+path] = fmt.Sprintf("%d %s", code, body)
 			}
 		}
 		return out, string(cfg)
