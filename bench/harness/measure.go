@@ -142,6 +142,19 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 	return w.reconfigureTo(ctx, name, servicePath(name))
 }
 
+// routeQuery is the reconfigure query that routes service name on paths (comma-separated), with
+// its domain when the services are routed by domain, and skipCheck as the harness is set.
+func (w *world) routeQuery(name, paths string) url.Values {
+	q := url.Values{"serviceName": {name}, "servicePath": {paths}}
+	if w.h.cfg.Domains {
+		q.Set("serviceDomain", serviceDomain(name))
+	}
+	if w.h.cfg.SkipCheck {
+		q.Set("skipCheck", "true")
+	}
+	return q
+}
+
 // movedPath is the path that the samples of a route's path change give service name.
 func movedPath(name string) string { return "/" + name + "-moved/" }
 
@@ -149,13 +162,7 @@ func movedPath(name string) string { return "/" + name + "-moved/" }
 // new connections, until the backend answers: latency is from sending reconfigure to that first
 // 200; call is the call's own duration.
 func (w *world) reconfigureTo(ctx context.Context, name, path string) (latency, call time.Duration, err error) {
-	q := url.Values{"serviceName": {name}, "servicePath": {path}}
-	if w.h.cfg.Domains {
-		q.Set("serviceDomain", serviceDomain(name))
-	}
-	if w.h.cfg.SkipCheck {
-		q.Set("skipCheck", "true")
-	}
+	q := w.routeQuery(name, path)
 	pctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
 	served := make(chan time.Duration, 1)
@@ -336,17 +343,12 @@ func (h *harness) churnRows(ctx context.Context, w *world, n int) {
 		case <-tick.C:
 		}
 		paths := servicePath(other)
-		q := url.Values{"serviceName": {other}}
 		if i%2 == 0 {
 			paths += "," + servicePath(other+"-alt")
+		}
+		q := w.routeQuery(other, paths)
+		if i%2 == 0 {
 			q.Set("timeoutServer", "31")
-		}
-		q.Set("servicePath", paths)
-		if h.cfg.Domains {
-			q.Set("serviceDomain", serviceDomain(other))
-		}
-		if h.cfg.SkipCheck {
-			q.Set("skipCheck", "true")
 		}
 		select {
 		case inflight <- struct{}{}:
