@@ -60,7 +60,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		}
 		newMap := mapUse.FindStringSubmatch(string(next))[1]
 		want := Delta{
-			Backends: []ServerChange{{Backend: "new-be", Add: []Server{{Name: "10.1.0.1:8080", Addr: "10.1.0.1:8080", Check: true}}}},
+			Backends: []ServerChange{{Backend: "new-be", Add: []Server{{Name: "10.1.0.1:8080", Addr: "10.1.0.1:8080", Check: "check"}}}},
 			MapAdds:  []MapEntry{{Map: oldMap, Key: "/new", Backend: "new-be"}},
 			Renamed:  map[string]string{newMap: oldMap},
 		}

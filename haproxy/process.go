@@ -390,7 +390,7 @@ func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry b
 		return false, nil
 	case err == nil && rejected:
 		restore()
-		alerts := in.out.failureAlerts(mark)
+		alerts := withHints(in.out.failureAlerts(mark))
 		p.log.Error("haproxy rejected the new config; the previous one keeps serving",
 			"alerts", alerts, "failed_reloads", after.FailedReloads)
 		return false, fmt.Errorf("haproxy reload: %w: %s", ErrReloadFailed, strings.Join(alerts, "; "))
@@ -668,7 +668,7 @@ func (p *Process) launch(ctx context.Context) (*instance, error) {
 	if _, err := p.pollProc(ctx, in, func(info ProcInfo) bool { return len(info.Workers) > 0 }); err != nil {
 		p.kill(in)
 		if errors.Is(err, errExited) {
-			alerts := in.out.alertsAfterExit()
+			alerts := withHints(in.out.alertsAfterExit())
 			return nil, fmt.Errorf("%w during start (%v): %s", errExited, in.err, strings.Join(alerts, "; "))
 		}
 		return nil, fmt.Errorf("no worker: %w", err)
@@ -869,6 +869,21 @@ func (o *output) failureAlerts(m outputMark) []string {
 		time.Sleep(5 * time.Millisecond)
 	}
 	return o.since(m)
+}
+
+// fileLimitHint follows HAProxy's alert when the open files limit is below what a config needs:
+// one descriptor per connection on either side, and one per server it health-checks.
+const fileLimitHint = "HAProxy holds a file descriptor for every server it health-checks and two per connection: " +
+	"raise the open files limit (ulimit -n, docker run --ulimit nofile=N:N), or route services with skipCheck=true"
+
+// withHints adds what to do to the alerts that need it.
+func withHints(alerts []string) []string {
+	for _, a := range alerts {
+		if strings.Contains(a, "Cannot raise FD limit") || strings.Contains(a, "FD limit (ulimit-n)") {
+			return append(alerts, fileLimitHint)
+		}
+	}
+	return alerts
 }
 
 // alertsAfterExit returns the ALERT lines of an exited master, once its output is drained (or

@@ -57,9 +57,10 @@ func (r *Renderer) RenderTable(s Settings, table map[string]route.Backend) []byt
 	return r.renderLocked(s, table, r.orderLocked(table))
 }
 
-// prepareLocked forgets the sections when the server-wide users, which they depend on, change.
+// prepareLocked forgets the sections when the server-wide users or the check interval, which they
+// depend on, change.
 func (r *Renderer) prepareLocked(s Settings) {
-	if r.texts == nil || !slices.Equal(s.Users, r.frame.settings.Users) {
+	if r.texts == nil || !slices.Equal(s.Users, r.frame.settings.Users) || s.CheckInterval != r.frame.settings.CheckInterval {
 		r.texts, r.names = map[string]*sectionsText{}, nil
 	}
 }

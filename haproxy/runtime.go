@@ -30,11 +30,13 @@ const (
 	delRetryFor = 3 * time.Second
 )
 
-// Server is one `server <Name> <Addr>[ check]` line of a backend.
+// Server is one `server <Name> <Addr>[ <Check>]` line of a backend.
 type Server struct {
-	Name  string
-	Addr  string // host:port, "[v6]:port" for IPv6
-	Check bool
+	Name string
+	Addr string // host:port, "[v6]:port" for IPv6
+	// Check is how HAProxy checks the server's health: "" (it does not), "check" or
+	// "check inter <duration>" (checkOptions).
+	Check string
 }
 
 // ServerChange is what changes in one backend: servers to add and servers to remove.
@@ -76,7 +78,7 @@ func (d Delta) Empty() bool {
 }
 
 // Diff compares two configs as Render writes them. ok is true when new differs from old only in:
-//   - the server lines of backends both have (each `server <name> <addr>[ check]`), where no server
+//   - the server lines of backends both have (each `server <name> <addr>[ check[ inter <d>]]`), where no server
 //     keeps its name with another address or check, and every added server's address is an IP
 //     (HAProxy does not apply default-server settings, such as init-addr, to servers added at run time);
 //   - new backends whose body is a spare backend's (SpareBody) and whose servers are such lines, when
@@ -442,15 +444,15 @@ func (pc *parsedConfig) body(b backendPart) []string {
 }
 
 // servers parses the server lines of a backend. ok is false when one is not
-// `server <name> <addr>[ check]` as Render writes it, or a name repeats.
+// `server <name> <addr>[ check[ inter <d>]]` as Render writes it, or a name repeats.
 func (pc *parsedConfig) servers(b backendPart) (out []Server, ok bool) {
 	for _, l := range pc.all[b.srvFrom:b.srvTo] {
 		name, rest, ok1 := strings.Cut(l[len(serverPrefix):], " ")
 		addr, opt, hasOpt := strings.Cut(rest, " ")
-		if !ok1 || name == "" || addr == "" || hasOpt && opt != "check" || strings.ContainsAny(l, "\t\r") {
+		if !ok1 || name == "" || addr == "" || hasOpt && !checkWords.MatchString(opt) || strings.ContainsAny(l, "\t\r") {
 			return nil, false
 		}
-		s := Server{Name: name, Addr: addr, Check: hasOpt}
+		s := Server{Name: name, Addr: addr, Check: opt}
 		if _, dup := find(out, s.Name); dup {
 			return nil, false
 		}
@@ -458,6 +460,9 @@ func (pc *parsedConfig) servers(b backendPart) (out []Server, ok bool) {
 	}
 	return out, true
 }
+
+// checkWords matches what checkOptions writes.
+var checkWords = regexp.MustCompile(`^check( inter [1-9][0-9]*(ms|s))?$`)
 
 // serverPrefix starts every server line Render writes.
 const serverPrefix = "    server "
@@ -856,14 +861,14 @@ func (p *Process) changeServers(ctx context.Context, sock string, changes []Serv
 		for _, s := range ch.Add {
 			id := ch.Backend + "/" + s.Name
 			cmd := "add server " + id + " " + s.Addr
-			if s.Check {
-				cmd += " check"
+			if s.Check != "" {
+				cmd += " " + s.Check
 			}
 			if err := runtimeCmd(ctx, sock, cmd, "New server registered."); err != nil {
 				return added, removed, err
 			}
 			added++
-			if s.Check {
+			if s.Check != "" {
 				if err := runtimeCmd(ctx, sock, "enable health "+id, ""); err != nil {
 					return added, removed, err
 				}

@@ -26,8 +26,8 @@ func TestDiffServers(t *testing.T) {
 	}
 	a1 := "server 10.0.0.1:80 10.0.0.1:80 check"
 	a2 := "server 10.0.0.2:80 10.0.0.2:80 check"
-	s1 := Server{Name: "10.0.0.1:80", Addr: "10.0.0.1:80", Check: true}
-	s2 := Server{Name: "10.0.0.2:80", Addr: "10.0.0.2:80", Check: true}
+	s1 := Server{Name: "10.0.0.1:80", Addr: "10.0.0.1:80", Check: "check"}
+	s2 := Server{Name: "10.0.0.2:80", Addr: "10.0.0.2:80", Check: "check"}
 	tests := []struct {
 		name     string
 		old, new string
@@ -47,7 +47,7 @@ func TestDiffServers(t *testing.T) {
 			[]ServerChange{{Backend: "a", Remove: []Server{s1, s2}}}, true},
 		{"host name added", head + be("a", a1), head + be("a", a1, "server db:80 db:80 check"), nil, false},
 		{"host name removed", head + be("a", a1, "server db:80 db:80 check"), head + be("a", a1),
-			[]ServerChange{{Backend: "a", Remove: []Server{{Name: "db:80", Addr: "db:80", Check: true}}}}, true},
+			[]ServerChange{{Backend: "a", Remove: []Server{{Name: "db:80", Addr: "db:80", Check: "check"}}}}, true},
 		{"check changed", head + be("a", a1), head + be("a", "server 10.0.0.1:80 10.0.0.1:80"), nil, false},
 		{"same name, other address", head + be("a", a1), head + be("a", "server 10.0.0.1:80 10.0.0.9:80 check"), nil, false},
 		{"backend added", head + be("a", a1), head + be("a", a1) + "\n" + be("b", a2), nil, false},

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -123,6 +124,27 @@ func TestHAProxyThreads(t *testing.T) {
 	err = e.startError(func(c *Config) { c.HAProxyThreads = haproxy.MaxThreads + 1 })
 	if err == nil || !strings.Contains(err.Error(), "haproxy threads") {
 		t.Fatalf("%d threads: %v, want a refusal naming the threads", haproxy.MaxThreads+1, err)
+	}
+}
+
+// HAProxy checks the instances at the interval asked for (CHECK_INTERVAL): the config says so; an
+// interval HAProxy cannot use well is refused at start.
+func TestCheckInterval(t *testing.T) {
+	e := newEnv(t)
+	e.backend("books-ms", "books-1")
+	p := e.startProxyWith("docker-flow", func(c *Config) { c.CheckInterval = 30 * time.Second })
+	p.reconfigure(t, booksQuery)
+	if code, body := get(t, p.http+"/api/v1/books", nil); code != http.StatusOK || !strings.HasPrefix(body, "books-1") {
+		t.Fatalf("through HAProxy: %d %q", code, body)
+	}
+	if cfg := string(p.HAProxy().Config()); !regexp.MustCompile(`(?m)^    server \S+ \S+ check inter 30s$`).MatchString(cfg) {
+		t.Fatalf("no server is checked every 30 s:\n%s", cfg)
+	}
+	for _, d := range []time.Duration{-time.Second, 10 * time.Millisecond, 2 * time.Hour} {
+		err := e.startError(func(c *Config) { c.CheckInterval = d })
+		if err == nil || !strings.Contains(err.Error(), "check interval") {
+			t.Fatalf("check interval %s: %v, want a refusal naming the check interval", d, err)
+		}
 	}
 }
 

@@ -69,8 +69,17 @@ type Config struct {
 	SpareBackends int
 	// HAProxyThreads is HAProxy's number of threads (nbthread; 0: HAProxy's default, one per CPU).
 	HAProxyThreads int
-	Logger         *slog.Logger
+	// CheckInterval is the time between two health checks of an instance by HAProxy, for the
+	// routes without skipCheck (0: HAProxy's default, 2 s; at least MinCheckInterval otherwise).
+	CheckInterval time.Duration
+	Logger        *slog.Logger
 }
+
+// MinCheckInterval and MaxCheckInterval bound Config.CheckInterval.
+const (
+	MinCheckInterval = 100 * time.Millisecond
+	MaxCheckInterval = time.Hour
+)
 
 // Server is a running docker-flow-proxy.
 type Server struct {
@@ -113,6 +122,10 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.HAProxyThreads < 0 || cfg.HAProxyThreads > haproxy.MaxThreads {
 		return nil, fmt.Errorf("haproxy threads: %d is not between 0 (HAProxy's default) and %d", cfg.HAProxyThreads, haproxy.MaxThreads)
 	}
+	if cfg.CheckInterval != 0 && (cfg.CheckInterval < MinCheckInterval || cfg.CheckInterval > MaxCheckInterval) {
+		return nil, fmt.Errorf("check interval: %s is not 0 (HAProxy's default, 2s) nor between %s and %s",
+			cfg.CheckInterval, MinCheckInterval, MaxCheckInterval)
+	}
 	var statsUser *route.User
 	if cfg.StatsPort > 0 {
 		if cfg.StatsUser == "" || cfg.StatsPass == "" {
@@ -142,6 +155,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.MapsDir = filepath.Join(cfg.ConfigDir, "maps")
 	settings.Users = users
 	settings.Threads = cfg.HAProxyThreads
+	settings.CheckInterval = cfg.CheckInterval
 	if cfg.SpareBackends != 0 {
 		settings.SpareBackends = max(0, cfg.SpareBackends)
 	}
