@@ -13,18 +13,22 @@ import (
 )
 
 // TestHarnessSmoke runs the benchmark harness at tiny sizes (10 services, 2 s of load), with the
-// services routed by path, then by domain and path (dfp-bench -domains): every row of the table
-// has a figure, and no request fails while the proxy reloads.
+// services routed by path, then by domain and path (dfp-bench -domains), then by path with HAProxy's
+// health checks (dfp-bench -check -check-interval 1s): every row of the table has a figure, and no
+// request fails while the proxy reloads.
 func TestHarnessSmoke(t *testing.T) {
 	testenv.HAProxyBin(t)
 	testenv.ConsulBin(t)
-	t.Run("by path", func(t *testing.T) { smoke(t, false) })
-	t.Run("by domain", func(t *testing.T) { smoke(t, true) })
+	t.Run("by path", func(t *testing.T) { smoke(t, func(*harness.Config) {}) })
+	t.Run("by domain", func(t *testing.T) { smoke(t, func(c *harness.Config) { c.Domains = true }) })
+	t.Run("with health checks", func(t *testing.T) {
+		smoke(t, func(c *harness.Config) { c.SkipCheck, c.CheckInterval = false, time.Second })
+	})
 }
 
-func smoke(t *testing.T, domains bool) {
+func smoke(t *testing.T, edit func(*harness.Config)) {
 	cfg := harness.Smoke()
-	cfg.Domains = domains
+	edit(&cfg)
 	cfg.RequireWrk = testenv.CI()
 	level := slog.LevelError
 	if testing.Verbose() {

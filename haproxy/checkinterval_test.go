@@ -204,7 +204,8 @@ func serverStats(t *testing.T, sock string) []map[string]string {
 // TestOpenFilesLimitTooLowForChecks: HAProxy runs under an open files limit of 1,000 (a shell sets
 // it, as a container's limit does). A table of 400 routes of three instances with health checks
 // needs more, and HAProxy refuses to start on it: the error says so and what to do. The same table
-// with skipCheck starts. Started on 100 such routes, the proxy refuses a change to the 400: the
+// with skipCheck starts. Started on 100 such routes, HAProxy accepts fewer connections at once than
+// without checks, and says so; the proxy refuses a change to the 400: the
 // reload fails with the same words and the previous config keeps serving.
 func TestOpenFilesLimitTooLowForChecks(t *testing.T) {
 	bin := filepath.Join(t.TempDir(), "haproxy-limited")
@@ -251,10 +252,16 @@ func TestOpenFilesLimitTooLowForChecks(t *testing.T) {
 	if code, body := getHost(t, s.HTTPPort, "", "/svc-0"); code != http.StatusOK || body != "svc-0" {
 		t.Fatalf("with skipCheck, GET /svc-0 = %d %q", code, body)
 	}
+	unchecked := p.MaxConn()
 
 	s, p = setup()
 	served := Render(s, table(100, false))
 	startForTest(ctx, t, p, served)
+	// HAProxy takes the descriptors of the checks from those of connections: it reports how many
+	// connections it accepts, as /metrics shows it.
+	if checked := p.MaxConn(); checked <= 0 || checked >= unchecked || checked >= LowMaxConn {
+		t.Fatalf("HAProxy accepts %d connections with 300 checked servers and %d with none, under a limit of 1,000 open files: want fewer with the checks, and both read", checked, unchecked)
+	}
 	err = p.Apply(ctx, Render(s, table(400, false)))
 	if !errors.Is(err, ErrReloadFailed) || !strings.Contains(err.Error(), fileLimitHint) {
 		t.Fatalf("a change to 1,200 health-checked servers = %v, want ErrReloadFailed that explains the open files limit", err)

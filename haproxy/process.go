@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -111,6 +112,7 @@ type Process struct {
 	stopped     bool
 	reloading   bool
 	restarts    int
+	maxConn     int          // HAProxy's Maxconn as its current worker reported it (0: not read)
 	ov          overlay      // names HAProxy serves under since it loaded cfg (UpdateServers)
 	parsed      parsedServed // cfg parsed, when the last UpdateServers served it
 	consolidate *time.Timer  // the reload that ends the overlay (consolidateLater)
@@ -267,6 +269,9 @@ func (p *Process) Start(ctx context.Context, cfg []byte) error {
 		return fmt.Errorf("haproxy start: %w (%v)", errExited, in.err)
 	}
 	p.log.Info("haproxy started", "pid", in.pid, "config", p.cfgPath)
+	if info, err := ShowProcAt(ctx, p.sockPath); err == nil {
+		p.readMaxConn(ctx, info.Workers)
+	}
 	go p.supervise(in)
 	return nil
 }
@@ -387,6 +392,7 @@ func (p *Process) reload(ctx context.Context, in *instance, cfg []byte) (retry b
 		p.mu.Unlock()
 		p.log.Info("haproxy reloaded", "workers", after.Workers, "old_workers", after.OldWorkers,
 			"reloads", after.Reloads, "duration", time.Since(t0).Round(time.Millisecond))
+		p.readMaxConn(ctx, after.Workers)
 		return false, nil
 	case err == nil && rejected:
 		restore()
@@ -522,6 +528,53 @@ func (p *Process) Running() bool {
 	defer cancel()
 	info, err := p.ShowProc(ctx)
 	return err == nil && info.MasterPID == in.pid && len(info.Workers) > 0
+}
+
+// LowMaxConn is the connection limit below which HAProxy's start or reload is logged as a warning.
+const LowMaxConn = 1000
+
+// MaxConn is how many connections HAProxy accepts at once (Maxconn of `show info`), as read after
+// its last start or reload; 0 before. No config of the renderer's sets it: HAProxy derives it from
+// the open files limit, less one descriptor per health-checked server.
+func (p *Process) MaxConn() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.maxConn
+}
+
+// readMaxConn asks the current worker for its connection limit and warns when it is low, once
+// per value.
+func (p *Process) readMaxConn(ctx context.Context, workers []int) {
+	if len(workers) == 0 {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, runtimeCmdTimeout)
+	defer cancel()
+	out, err := Command(cctx, p.sockPath, fmt.Sprintf("@!%d show info", workers[0]))
+	if err != nil {
+		p.log.Debug("haproxy: cannot read its connection limit", "error", err)
+		return
+	}
+	maxConn, limit := infoInt(out, "Maxconn"), infoInt(out, "Ulimit-n")
+	p.mu.Lock()
+	prev := p.maxConn
+	p.maxConn = maxConn
+	p.mu.Unlock()
+	if maxConn > 0 && maxConn < LowMaxConn && maxConn != prev {
+		p.log.Warn("haproxy accepts few connections at once", "maxconn", maxConn, "open_files_limit", limit,
+			"hint", fileLimitHint)
+	}
+}
+
+// infoInt is the number of a `name: value` line of `show info` (0 when missing).
+func infoInt(info, name string) int {
+	for _, l := range strings.Split(info, "\n") {
+		if k, v, ok := strings.Cut(l, ": "); ok && k == name {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n
+		}
+	}
+	return 0
 }
 
 // Restarts returns how many times the supervisor restarted HAProxy after it exited.

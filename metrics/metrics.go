@@ -73,6 +73,8 @@ const (
 type Sources struct {
 	// HAProxyRestarts returns how many times the supervisor restarted HAProxy after it exited.
 	HAProxyRestarts func() int
+	// HAProxyMaxConn returns how many connections HAProxy accepts at once (0: not known yet).
+	HAProxyMaxConn func() int
 }
 
 // Metrics holds the collectors of one server and the registry that serves them.
@@ -158,6 +160,13 @@ func New(src Sources) *Metrics {
 			Name: "dfp_haproxy_restarts_total",
 			Help: "Times the supervisor restarted HAProxy after it exited.",
 		}, func() float64 { return float64(restarts()) }))
+	}
+	if src.HAProxyMaxConn != nil {
+		maxConn := src.HAProxyMaxConn
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "dfp_haproxy_max_connections",
+			Help: "Connections HAProxy accepts at once (its Maxconn, derived from the open files limit less one per health-checked server), as read after its last start or reload.",
+		}, func() float64 { return float64(maxConn()) }))
 	}
 	// Every label value is shown from the start, at 0: a rate over a series that appears late
 	// misses its first increase.

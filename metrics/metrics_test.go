@@ -75,7 +75,7 @@ func labels(ls []*dto.LabelPair) string {
 }
 
 func TestEveryMetricIsServedFromTheStart(t *testing.T) {
-	m := metrics.New(metrics.Sources{HAProxyRestarts: func() int { return 2 }})
+	m := metrics.New(metrics.Sources{HAProxyRestarts: func() int { return 2 }, HAProxyMaxConn: func() int { return 4096 }})
 	samples, help := scrape(t, m)
 	want := map[string]float64{
 		`dfp_reconfigure_requests_total{result="ok"}`:                 0,
@@ -93,6 +93,7 @@ func TestEveryMetricIsServedFromTheStart(t *testing.T) {
 		`dfp_haproxy_runtime_updates_total{result="error"}`:           0,
 		`dfp_haproxy_validation_failures_total`:                       0,
 		`dfp_haproxy_restarts_total`:                                  2,
+		`dfp_haproxy_max_connections`:                                 4096,
 		`dfp_last_apply_timestamp_seconds`:                            0,
 		`dfp_consul_errors_total{op="read_routes"}`:                   0,
 		`dfp_consul_errors_total{op="read_instances"}`:                0,

@@ -100,6 +100,7 @@ const (
 	mReadInstErr   = `dfp_consul_errors_total{op="read_instances"}`
 	mWatchInstance = `dfp_watch_updates_total{kind="instances"}`
 	mRestarts      = `dfp_haproxy_restarts_total`
+	mMaxConn       = `dfp_haproxy_max_connections`
 )
 
 func TestMetricsCountRequestsReloadsAndRuntimeUpdates(t *testing.T) {
@@ -115,6 +116,9 @@ func TestMetricsCountRequestsReloadsAndRuntimeUpdates(t *testing.T) {
 	}
 	if last := s0.get(t, mLastApply); last < float64(started.Unix()) {
 		t.Fatalf("last apply %v is before the server started (%d)", last, started.Unix())
+	}
+	if s0.get(t, mMaxConn) <= 0 {
+		t.Fatalf("HAProxy's connection limit is %v after its start, want its Maxconn", s0[mMaxConn])
 	}
 	if _, ok := s0["go_goroutines"]; !ok {
 		t.Fatal("/metrics does not serve the Go runtime's metrics")

@@ -172,7 +172,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	hap := haproxy.NewProcess(haproxy.Options{Binary: cfg.HAProxyBin, Dir: cfg.ConfigDir, Logger: cfg.Logger})
 	catalog := &catalogFilter{c: cc, filter: cfg.Health}
 	p := proxy.New(catalog, consul.NewStore(cc, cfg.InstanceName), hap, settings, cfg.Logger)
-	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts})
+	m := metrics.New(metrics.Sources{HAProxyRestarts: hap.Restarts, HAProxyMaxConn: hap.MaxConn})
 	p.SetObserver(m)
 	hap.SetReloadHook(m.Reload)
 	p.SetStatic(cfg.Services)

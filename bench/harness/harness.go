@@ -50,6 +50,9 @@ type Config struct {
 	// SkipCheck routes the services without HAProxy health checks (see the README: with checks,
 	// HAProxy probes every instance every 2 s).
 	SkipCheck bool
+	// CheckInterval is the server's and the replicas' --check-interval when the services are
+	// routed with health checks (0: HAProxy's default, 2 s).
+	CheckInterval time.Duration
 	// Domains routes every service by domain as well as by path: serviceDomain
 	// <name>.bench.test, which the harness's requests carry as their Host header (they are
 	// all sent to 127.0.0.1; the names are never resolved).

@@ -218,6 +218,7 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		h.add(Row{Item: 3, Measure: "requests/s proxied / direct", Services: n, Err: err})
 		return
 	}
+	h.idleRow(ctx, w, n)
 	rounds := max(h.cfg.RPSRounds, 1)
 	each := max(h.cfg.RPSDuration/time.Duration(rounds), time.Second)
 	var proxied, direct, ratios []float64
@@ -261,6 +262,32 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 	h.add(Row{Item: 3, Measure: "requests/s proxied / direct, median of the rounds' ratios", Services: n,
 		Value: fmt.Sprintf("%.2f (rounds %s)", ratio, fmtRatios(ratios)), Num: ratio,
 		Target: ">= 0.50", Met: verdict(err == nil && ratio >= 0.5), Err: err})
+}
+
+// idleFor is how long idleRow reads HAProxy's CPU time.
+const idleFor = 2 * time.Second
+
+// idleRow is the CPU time HAProxy's worker takes while the harness sends no request: its health
+// checks of the instances (with -check) and its timers.
+func (h *harness) idleRow(ctx context.Context, w *world, n int) {
+	measure := fmt.Sprintf("HAProxy's CPU while no request is sent (%s): health checks, timers", idleFor)
+	info, err := w.srv.HAProxy().ShowProc(ctx)
+	if err == nil && len(info.Workers) == 0 {
+		err = errors.New("no HAProxy worker")
+	}
+	if err != nil {
+		h.add(Row{Item: 3, Measure: measure, Services: n, Err: err})
+		return
+	}
+	c0 := cpuTime(info.Workers[0])
+	select {
+	case <-ctx.Done():
+		h.add(Row{Item: 3, Measure: measure, Services: n, Err: ctx.Err()})
+		return
+	case <-time.After(idleFor):
+	}
+	share := 100 * float64(cpuTime(info.Workers[0])-c0) / float64(idleFor)
+	h.add(Row{Item: 3, Measure: measure, Services: n, Value: fmt.Sprintf("%.0f%% of a core", share), Num: share})
 }
 
 // median is the median of vs (the mean of the middle two when their number is even); vs is not

@@ -207,7 +207,7 @@ func (w *world) startReplica(bin string) (*replica, error) {
 		"--http-port", strconv.Itoa(ports[0]), "--https-port", strconv.Itoa(ports[1]), "--api-port", strconv.Itoa(ports[2]),
 		"--config-dir", filepath.Join(dir, "config"), "--templates-dir", filepath.Join(dir, "templates"),
 		"--certs-dir", filepath.Join(dir, "certs"), "--service-health", "passing", "--haproxy-bin", hap,
-		"--startup-timeout", w.h.cfg.StartupWait.String())
+		"--startup-timeout", w.h.cfg.StartupWait.String(), "--check-interval", w.h.cfg.CheckInterval.String())
 	var out io.Writer = &r.out
 	if w.h.cfg.ReplicaLog != nil {
 		out = io.MultiWriter(&r.out, w.h.cfg.ReplicaLog)

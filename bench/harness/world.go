@@ -257,7 +257,8 @@ func (w *world) startServer(ctx context.Context) error {
 		ConsulAddresses: []string{w.consul.addr}, InstanceName: instanceName,
 		BindAddress: "127.0.0.1", HTTPPort: ports[0], HTTPSPort: ports[1], APIPort: ports[2],
 		ConfigDir: w.dir, Health: consul.HealthPassing, HAProxyBin: hap,
-		StartupTimeout: w.h.cfg.StartupWait, HAProxyThreads: w.h.cfg.HAProxyThreads, Logger: w.h.log,
+		StartupTimeout: w.h.cfg.StartupWait, HAProxyThreads: w.h.cfg.HAProxyThreads,
+		CheckInterval: w.h.cfg.CheckInterval, Logger: w.h.log,
 	})
 	if err != nil {
 		return fmt.Errorf("server start: %w", err)

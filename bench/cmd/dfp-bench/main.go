@@ -44,6 +44,7 @@ func run() int {
 	churnRate := flag.Int("churn-rate", d.ChurnRate, "item 4: reconfigure calls per second")
 	threads := flag.Int("haproxy-threads", 0, "items 1, 3 and 4: the server's HAProxy threads (0: HAProxy's default, one per CPU)")
 	check := flag.Bool("check", false, "route the services with HAProxy health checks (default: skipCheck)")
+	checkInterval := flag.Duration("check-interval", 0, "with -check: HAProxy's health-check interval (--check-interval; 0: HAProxy's default, 2s)")
 	domains := flag.Bool("domains", false, "route every service by domain too (serviceDomain <name>.bench.test, sent as the Host header)")
 	noPhases := flag.Bool("no-phases", false, "do not time the steps of a change at the largest size")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of item 1 at the largest size to this file")
@@ -90,6 +91,7 @@ func run() int {
 	pickD("rps-duration", *rpsDuration, &cfg.RPSDuration)
 	pickD("churn-duration", *churnDuration, &cfg.ChurnDuration)
 	cfg.SkipCheck = !*check
+	cfg.CheckInterval = *checkInterval
 	cfg.Domains = *domains
 	cfg.HAProxyThreads = *threads
 	cfg.Phases = !*noPhases
