@@ -57,6 +57,10 @@ type Settings struct {
 	CheckInterval time.Duration
 }
 
+// DefaultCheckInterval is HAProxy's interval between two health checks of a server, which
+// Settings.CheckInterval 0 leaves.
+const DefaultCheckInterval = 2 * time.Second
+
 // DefaultSpareBackends is how many spare backends a config with maps carries unless told otherwise:
 // that many new plain routes in a row are served without waiting for a reload (at 10,000 routes a
 // reload takes a second or more). An empty backend costs HAProxy a few kilobytes.

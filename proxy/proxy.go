@@ -148,6 +148,9 @@ type Proxy struct {
 	kv map[string]route.KVVersion
 	// loadIndex is Consul's index of Load's read of the whole table.
 	loadIndex uint64
+	// manyChecks: the warning that HAProxy checks many instances a second was logged (it is again
+	// once the rate fell below half of ManyChecksPerSecond and rose again).
+	manyChecks bool
 
 	qmu   sync.Mutex
 	queue []*change // changes waiting for the next commit
@@ -943,14 +946,38 @@ func (p *Proxy) consul(op string, err error) error {
 	return err
 }
 
-// observeTableLocked tells the observer the route table served.
+// observeTableLocked tells the observer the route table served, and warns once when HAProxy's
+// health checks of it take many connections a second.
 func (p *Proxy) observeTableLocked() {
-	n := 0
+	n, checked := 0, 0
 	for _, b := range p.backends {
-		n += b.InstanceCount()
+		c := b.InstanceCount()
+		n += c
+		if !b.Route.SkipCheck {
+			checked += c
+		}
 	}
 	p.obs.Table(len(p.backends), n)
+
+	interval := p.settings.CheckInterval
+	if interval <= 0 {
+		interval = haproxy.DefaultCheckInterval
+	}
+	rate := float64(checked) / interval.Seconds()
+	switch {
+	case rate >= ManyChecksPerSecond && !p.manyChecks:
+		p.manyChecks = true
+		p.log.Warn("HAProxy health-checks many instances: each check is a connection to the instance, and a share of the proxy's CPU",
+			"checked_instances", checked, "interval", interval, "checks_per_second", int(rate),
+			"hint", "set a longer --check-interval (CHECK_INTERVAL), such as 30s, or route services with skipCheck=true where Consul's checks suffice")
+	case rate < ManyChecksPerSecond/2:
+		p.manyChecks = false
+	}
 }
+
+// ManyChecksPerSecond is the rate of HAProxy's health checks from which the controller warns: on
+// two cores, 7,500 checks a second took HAProxy a quarter of one.
+const ManyChecksPerSecond = 2000
 
 // restoreTimeout bounds putting KV back after a failed reload.
 const restoreTimeout = 10 * time.Second
