@@ -154,6 +154,12 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 	w("    timeout http-request 10s")
 	w("    timeout http-keep-alive 15s")
 	w("    timeout queue 30s")
+	// A connection an instance refuses (it stopped, and the catalog does not say so yet; HAProxy's
+	// checks have not seen it) is tried again at once on another instance: the request is not lost.
+	// Requests sent on a connection that the instance then closed unanswered are not retried
+	// (retry-on empty-response): that copies every request, some 8% of HAProxy's CPU per request.
+	w("    retries 3")
+	w("    option redispatch 1")
 	// An instance registered by host name that does not resolve yet must not fail the whole config.
 	w("    default-server init-addr last,libc,none")
 	w("")
