@@ -69,6 +69,69 @@ func TestCheckIntervalOnServerLines(t *testing.T) {
 	}
 }
 
+// The automatic interval (Settings.CheckInterval 0) is HAProxy's 2 s up to 4,000 checked instances,
+// then doubles so that HAProxy checks at most 2,000 a second; routes with skipCheck do not count,
+// and an interval set by hand is kept whatever the table.
+func TestAutomaticCheckInterval(t *testing.T) {
+	for _, tc := range []struct {
+		checked int
+		want    time.Duration
+	}{{0, 2 * time.Second}, {4000, 2 * time.Second}, {4001, 4 * time.Second}, {8000, 4 * time.Second},
+		{8001, 8 * time.Second}, {30000, 16 * time.Second}, {100000, 64 * time.Second}} {
+		if got := AutoCheckInterval(tc.checked); got != tc.want {
+			t.Errorf("AutoCheckInterval(%d) = %s, want %s", tc.checked, got, tc.want)
+		}
+	}
+
+	// Routes of 1,000 instances each: the server lines of a checked route say the interval.
+	table := func(checked, skipped int) map[string]route.Backend {
+		inst := make([]route.Instance, 1000)
+		for i := range inst {
+			inst[i] = route.Instance{Address: "10.0.0.1", Port: 1000 + i}
+		}
+		out := map[string]route.Backend{}
+		for i := range checked + skipped {
+			name := fmt.Sprintf("svc-%d", i)
+			be := newRoute(name, inst, "/"+name)
+			be.Route.SkipCheck = i >= checked
+			out[name] = be
+		}
+		return out
+	}
+	line := func(cfg []byte) string {
+		for _, l := range strings.Split(string(cfg), "\n") {
+			if strings.HasPrefix(l, serverPrefix+"10.0.0.1:1000 ") && strings.Contains(l, " check") {
+				return strings.TrimPrefix(l, serverPrefix+"10.0.0.1:1000 10.0.0.1:1000 ")
+			}
+		}
+		return ""
+	}
+	s := testSettings()
+	r := &Renderer{}
+	for _, tc := range []struct {
+		checked, skipped int
+		interval         time.Duration
+		want             string
+	}{
+		{4, 10, 0, "check"},                       // 4,000 checked: 2 s, HAProxy's default, not written
+		{5, 0, 0, "check inter 4s"},               // 5,000: 4 s
+		{9, 0, 0, "check inter 8s"},               // 9,000: 8 s
+		{2, 0, 0, "check"},                        // back to 2,000: 2 s
+		{9, 0, 3 * time.Second, "check inter 3s"}, // set by hand
+	} {
+		s.CheckInterval = tc.interval
+		tb := table(tc.checked, tc.skipped)
+		cfg := Render(s, slicesOf(tb))
+		if got := line(cfg); got != tc.want {
+			t.Errorf("%d checked routes of 1,000 instances and %d skipped, interval %s: a server line ends %q, want %q",
+				tc.checked, tc.skipped, tc.interval, got, tc.want)
+		}
+		if got := r.RenderTable(s, tb); string(got) != string(cfg) {
+			t.Errorf("%d checked routes of 1,000 instances, interval %s: the Renderer and Render differ", tc.checked, tc.interval)
+		}
+	}
+}
+
 // TestCheckIntervalReachesEveryServer: HAProxy checks the server of a route served since its start
 // and the server of a route added through the runtime API at the interval set. Their instances
 // go away, and both servers are marked down; the instances come back, and both are marked up

@@ -53,6 +53,15 @@ type frame struct {
 func (r *Renderer) RenderTable(s Settings, table map[string]route.Backend) []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if s.CheckInterval == 0 {
+		checked := 0
+		for _, b := range table {
+			if !b.Route.SkipCheck {
+				checked += b.InstanceCount()
+			}
+		}
+		s = withCheckInterval(s, checked)
+	}
 	r.prepareLocked(s)
 	return r.renderLocked(s, table, r.orderLocked(table))
 }

@@ -961,23 +961,24 @@ func (p *Proxy) observeTableLocked() {
 
 	interval := p.settings.CheckInterval
 	if interval <= 0 {
-		interval = haproxy.DefaultCheckInterval
+		interval = haproxy.AutoCheckInterval(checked) // which keeps the rate at ManyChecksPerSecond at most
 	}
 	rate := float64(checked) / interval.Seconds()
 	switch {
-	case rate >= ManyChecksPerSecond && !p.manyChecks:
+	case rate > ManyChecksPerSecond && !p.manyChecks:
 		p.manyChecks = true
 		p.log.Warn("HAProxy health-checks many instances: each check is a connection to the instance, and a share of the proxy's CPU",
 			"checked_instances", checked, "interval", interval, "checks_per_second", int(rate),
-			"hint", "set a longer --check-interval (CHECK_INTERVAL), such as 30s, or route services with skipCheck=true where Consul's checks suffice")
+			"hint", "set a longer --check-interval (CHECK_INTERVAL), or 0 for one that grows with the instances, or route services with skipCheck=true where Consul's checks suffice")
 	case rate < ManyChecksPerSecond/2:
 		p.manyChecks = false
 	}
 }
 
-// ManyChecksPerSecond is the rate of HAProxy's health checks from which the controller warns: on
-// two cores, 7,500 checks a second took HAProxy a quarter of one.
-const ManyChecksPerSecond = 2000
+// ManyChecksPerSecond is the rate of HAProxy's health checks above which the controller warns (an
+// interval set by hand; the automatic one stays below it): on two cores, 7,500 checks a second
+// took HAProxy a quarter of one.
+const ManyChecksPerSecond = haproxy.MaxAutoChecksPerSecond
 
 // restoreTimeout bounds putting KV back after a failed reload.
 const restoreTimeout = 10 * time.Second

@@ -70,7 +70,8 @@ type Config struct {
 	// HAProxyThreads is HAProxy's number of threads (nbthread; 0: HAProxy's default, one per CPU).
 	HAProxyThreads int
 	// CheckInterval is the time between two health checks of an instance by HAProxy, for the
-	// routes without skipCheck (0: HAProxy's default, 2 s; at least MinCheckInterval otherwise).
+	// routes without skipCheck (0: automatic, haproxy.AutoCheckInterval: 2 s, lengthened in steps
+	// as the checked instances grow; at least MinCheckInterval otherwise).
 	CheckInterval time.Duration
 	Logger        *slog.Logger
 }
@@ -123,7 +124,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("haproxy threads: %d is not between 0 (HAProxy's default) and %d", cfg.HAProxyThreads, haproxy.MaxThreads)
 	}
 	if cfg.CheckInterval != 0 && (cfg.CheckInterval < MinCheckInterval || cfg.CheckInterval > MaxCheckInterval) {
-		return nil, fmt.Errorf("check interval: %s is not 0 (HAProxy's default, 2s) nor between %s and %s",
+		return nil, fmt.Errorf("check interval: %s is not 0 (automatic) nor between %s and %s",
 			cfg.CheckInterval, MinCheckInterval, MaxCheckInterval)
 	}
 	var statsUser *route.User

@@ -94,7 +94,7 @@ func serverCommand() *cli.Command {
 			&cli.IntFlag{Name: "haproxy-threads", EnvVars: []string{"HAPROXY_THREADS"},
 				Usage: "HAProxy's threads (nbthread, 1-64); 0: HAProxy's default, one per CPU it may run on (it does not see a CPU quota such as docker run --cpus: set it there)"},
 			&cli.DurationFlag{Name: "check-interval", EnvVars: []string{"CHECK_INTERVAL"},
-				Usage: "time between two health checks of an instance by HAProxy, for routes without skipCheck (0: HAProxy's default, 2s); HAProxy checks every instance on its own: raise it with thousands of instances"},
+				Usage: "time between two health checks of an instance by HAProxy, for routes without skipCheck; 0: automatic, HAProxy's 2s doubled until HAProxy checks at most 2,000 instances a second (4s above 4,000 checked instances, 8s above 8,000, ...)"},
 			&cli.DurationFlag{Name: "startup-timeout", Value: 30 * time.Second, EnvVars: []string{"STARTUP_TIMEOUT"},
 				Usage: "how long start-up waits for Consul before serving an empty route table"},
 			&cli.StringFlag{Name: "users", EnvVars: []string{"USERS"},
