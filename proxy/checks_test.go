@@ -34,8 +34,9 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// When HAProxy would check more instances a second than ManyChecksPerSecond, the controller warns
-// once, with what to do; routes with skipCheck do not count, and a longer interval lowers the rate.
+// When an interval set by hand makes HAProxy check more instances a second than
+// ManyChecksPerSecond, the controller warns once, with what to do; routes with skipCheck do not
+// count, and the automatic interval stays below that rate.
 func TestManyHealthChecksWarnOnce(t *testing.T) {
 	c := testenv.StartConsul(t)
 	client, err := consul.New([]string{c.Addr}, nil)
@@ -78,13 +79,19 @@ func TestManyHealthChecksWarnOnce(t *testing.T) {
 		}
 	}
 
-	// Every 2 s (HAProxy's default): 1,100 checked instances are 550 checks a second, 2,200 are 1,100.
+	// The automatic interval: 2 s up to 4,000 checked instances (2,200 are 1,100 checks a second),
+	// then 4 s (4,400 are 1,100 a second): never more than 2,000 a second, never a warning.
 	p, logs := start(0)
 	reconfigure(p, "a", false)
 	reconfigure(p, "b", false)
 	reconfigure(p, "c", true)
 	if strings.Contains(logs.String(), warning) {
 		t.Fatalf("warned at 1,100 checks a second:\n%s", logs)
+	}
+	reconfigure(p, "d", false)
+	reconfigure(p, "e", false)
+	if strings.Contains(logs.String(), warning) {
+		t.Fatalf("warned with 4,400 checked instances at the automatic interval:\n%s", logs)
 	}
 
 	// Every 500 ms: 1,100 checked instances are 2,200 checks a second.
