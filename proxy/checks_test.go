@@ -1,12 +1,9 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
-	"io"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -15,24 +12,6 @@ import (
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
-
-// syncBuffer is a log destination that tests read while the controller writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // When an interval set by hand makes HAProxy check more instances a second than
 // ManyChecksPerSecond, the controller warns once, with what to do; routes with skipCheck do not
@@ -53,22 +32,12 @@ func TestManyHealthChecksWarnOnce(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	start := func(interval time.Duration) (*Proxy, *syncBuffer) {
-		logs := &syncBuffer{}
-		hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir(),
-			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	start := func(interval time.Duration) (*Proxy, *testenv.LogBuffer) {
+		logs := &testenv.LogBuffer{}
 		s := haproxy.DefaultSettings()
-		s.BindAddress, s.HTTPPort, s.CheckInterval = "127.0.0.1", testenv.FreePort(t), interval
-		p := New(catalog, consul.NewStore(client, "checks-"+interval.String()), hap, s,
+		s.CheckInterval = interval
+		p, _ := startControllerWith(ctx, t, catalog, consul.NewStore(client, "checks-"+interval.String()), s,
 			slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
-		cfg, err := p.Load(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := hap.Start(ctx, cfg); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = hap.Stop(context.Background()) })
 		return p, logs
 	}
 	reconfigure := func(p *Proxy, name string, skipCheck bool) {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -227,10 +228,17 @@ func TestSyncFromKVSeenReadsOnlyTheFoldersThatChanged(t *testing.T) {
 // free port of 127.0.0.1 (stopped when the test ends).
 func startController(ctx context.Context, t *testing.T, client *consul.Client, store Store) (*Proxy, *haproxy.Process) {
 	t.Helper()
-	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir()})
-	s := haproxy.DefaultSettings()
+	return startControllerWith(ctx, t, catalogOf(client), store, haproxy.DefaultSettings(), nil)
+}
+
+// startControllerWith is startController with a catalog, settings (bound to a free port of
+// 127.0.0.1 here) and a logger of the test's (nil: the default).
+func startControllerWith(ctx context.Context, t *testing.T, catalog Catalog, store Store, s haproxy.Settings,
+	log *slog.Logger) (*Proxy, *haproxy.Process) {
+	t.Helper()
+	hap := haproxy.NewProcess(haproxy.Options{Binary: testenv.HAProxyBin(t), Dir: t.TempDir(), Logger: log})
 	s.BindAddress, s.HTTPPort = "127.0.0.1", testenv.FreePort(t)
-	p := New(catalogOf(client), store, hap, s, nil)
+	p := New(catalog, store, hap, s, log)
 	cfg, err := p.Load(ctx)
 	if err != nil {
 		t.Fatal(err)
