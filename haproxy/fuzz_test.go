@@ -96,7 +96,7 @@ func FuzzReconfigureQuery(f *testing.F) {
 // Directives each section may hold: what the renderer writes, nothing else.
 var allowed = map[string][]string{
 	"global":   {"stats", "hard-stop-after", "httpclient.ssl.verify", "nbthread"},
-	"defaults": {"mode", "option", "timeout", "default-server", "retries"},
+	"defaults": {"mode", "option", "timeout", "default-server", "retries", "retry-on"},
 	"frontend": {"bind", "acl", "use_backend", "http-request", "stats", "mode", "option", "tcp-request", "default_backend"},
 	"backend":  {"balance", "server", "http-request", "timeout", "mode"},
 	"userlist": {"user"},

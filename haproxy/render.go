@@ -56,6 +56,10 @@ type Settings struct {
 	// lengthened in steps as the checked instances grow. HAProxy checks every server on its own:
 	// at 10,000 routes of three instances, 15,000 connections a second at 2 s.
 	CheckInterval time.Duration
+	// RetryEmptyResponse has HAProxy send a GET, HEAD or OPTIONS request again, to another
+	// instance, when the instance it was sent to closed the connection without answering (an
+	// instance stopping). It makes HAProxy copy every request (some 8% of its CPU per request).
+	RetryEmptyResponse bool
 }
 
 // DefaultCheckInterval is HAProxy's interval between two health checks of a server.
@@ -193,10 +197,13 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 	w("    timeout queue 30s")
 	// A connection an instance refuses (it stopped, and the catalog does not say so yet; HAProxy's
 	// checks have not seen it) is tried again at once on another instance: the request is not lost.
-	// Requests sent on a connection that the instance then closed unanswered are not retried
-	// (retry-on empty-response): that copies every request, some 8% of HAProxy's CPU per request.
+	// Requests sent on a connection that the instance then closed unanswered are retried only with
+	// RetryEmptyResponse (idempotent methods only): it copies every request.
 	w("    retries 3")
 	w("    option redispatch 1")
+	if s.RetryEmptyResponse {
+		w("    retry-on conn-failure empty-response")
+	}
 	// An instance registered by host name that does not resolve yet must not fail the whole config.
 	w("    default-server init-addr last,libc,none")
 	w("")
@@ -218,6 +225,11 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 	w("    bind %s", bindAddr(s.BindAddress, s.HTTPPort))
 	if s.HasCerts && s.CertsDir != "" {
 		w("    bind %s ssl crt %s", bindAddr(s.BindAddress, s.HTTPSPort), s.CertsDir)
+	}
+	if s.RetryEmptyResponse {
+		// A request that may have changed something before the instance closed its connection is
+		// never sent twice (METH_GET is GET and HEAD).
+		w("    http-request disable-l7-retry if !METH_GET !METH_OPTIONS")
 	}
 	order := routingOrder(bs)
 	mapped := mappedDests(s, order) // by position in order

@@ -73,7 +73,10 @@ type Config struct {
 	// routes without skipCheck (0: automatic, haproxy.AutoCheckInterval: 2 s, lengthened in steps
 	// as the checked instances grow; at least MinCheckInterval otherwise).
 	CheckInterval time.Duration
-	Logger        *slog.Logger
+	// RetryEmptyResponse has HAProxy send a GET, HEAD or OPTIONS request again to another instance
+	// when the one it went to closed the connection without answering (haproxy.Settings).
+	RetryEmptyResponse bool
+	Logger             *slog.Logger
 }
 
 // MinCheckInterval and MaxCheckInterval bound Config.CheckInterval.
@@ -157,6 +160,7 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	settings.Users = users
 	settings.Threads = cfg.HAProxyThreads
 	settings.CheckInterval = cfg.CheckInterval
+	settings.RetryEmptyResponse = cfg.RetryEmptyResponse
 	if cfg.SpareBackends != 0 {
 		settings.SpareBackends = max(0, cfg.SpareBackends)
 	}
