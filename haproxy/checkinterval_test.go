@@ -135,7 +135,7 @@ func TestAutomaticCheckInterval(t *testing.T) {
 // TestCheckIntervalReachesEveryServer: HAProxy checks the server of a route served since its start
 // and the server of a route added through the runtime API at the interval set. Their instances
 // go away, and both servers are marked down; the instances come back, and both are marked up
-// within a second. Two passing checks (rise) take 400 ms at 200 ms; at HAProxy's default of 2 s
+// within 1.8 s. Two passing checks (rise) take 400 ms at 200 ms; at HAProxy's default of 2 s
 // they take 2 s or more.
 func TestCheckIntervalReachesEveryServer(t *testing.T) {
 	s, p := runtimeSetup(t, 2, time.Hour)
@@ -187,10 +187,10 @@ func TestCheckIntervalReachesEveryServer(t *testing.T) {
 
 	static.stop()
 	added.stop()
-	down := waitStatus("DOWN", 3*time.Second)
+	down := waitStatus("DOWN", 3500*time.Millisecond) // at 2 s, three failed checks take 4 s or more
 	static.start()
 	added.start()
-	up := waitStatus("UP", time.Second)
+	up := waitStatus("UP", 1800*time.Millisecond) // at 2 s, two passing checks take 2 s or more
 	t.Logf("both servers down %s after their instances went away, up %s after they came back", down.Round(10*time.Millisecond), up.Round(10*time.Millisecond))
 }
 

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"iter"
 	"net"
 	"path/filepath"
 	"regexp"
@@ -83,22 +84,14 @@ func AutoCheckInterval(checked int) time.Duration {
 }
 
 // CheckedInstances is the number of instances of the routes without skipCheck.
-func CheckedInstances(backends []route.Backend) int {
+func CheckedInstances(backends iter.Seq[route.Backend]) int {
 	n := 0
-	for _, b := range backends {
+	for b := range backends {
 		if !b.Route.SkipCheck {
 			n += b.InstanceCount()
 		}
 	}
 	return n
-}
-
-// withCheckInterval returns s with the automatic check interval resolved for the table.
-func withCheckInterval(s Settings, checked int) Settings {
-	if s.CheckInterval == 0 {
-		s.CheckInterval = AutoCheckInterval(checked)
-	}
-	return s
 }
 
 // DefaultSpareBackends is how many spare backends a config with maps carries unless told otherwise:
@@ -134,7 +127,9 @@ func DefaultSettings() Settings {
 // gives the same bytes, whatever the order of backends and instances. Every route must have passed
 // route.Validate; instance addresses must be IPs or host names (the catalog client checks them).
 func Render(s Settings, backends []route.Backend) []byte {
-	s = withCheckInterval(s, CheckedInstances(backends))
+	if s.CheckInterval == 0 {
+		s.CheckInterval = AutoCheckInterval(CheckedInstances(slices.Values(backends)))
+	}
 	bs := sortedBackends(backends)
 	head, tail := renderFrame(s, bs)
 	var b bytes.Buffer

@@ -54,13 +54,7 @@ func (r *Renderer) RenderTable(s Settings, table map[string]route.Backend) []byt
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if s.CheckInterval == 0 {
-		checked := 0
-		for _, b := range table {
-			if !b.Route.SkipCheck {
-				checked += b.InstanceCount()
-			}
-		}
-		s = withCheckInterval(s, checked)
+		s.CheckInterval = AutoCheckInterval(CheckedInstances(maps.Values(table)))
 	}
 	r.prepareLocked(s)
 	return r.renderLocked(s, table, r.orderLocked(table))

@@ -949,15 +949,13 @@ func (p *Proxy) consul(op string, err error) error {
 // observeTableLocked tells the observer the route table served, and warns once when HAProxy's
 // health checks of it take many connections a second.
 func (p *Proxy) observeTableLocked() {
-	n, checked := 0, 0
+	n := 0
 	for _, b := range p.backends {
-		c := b.InstanceCount()
-		n += c
-		if !b.Route.SkipCheck {
-			checked += c
-		}
+		n += b.InstanceCount()
 	}
 	p.obs.Table(len(p.backends), n)
+
+	checked := haproxy.CheckedInstances(maps.Values(p.backends))
 
 	interval := p.settings.CheckInterval
 	if interval <= 0 {
