@@ -39,7 +39,8 @@ type Config struct {
 	// (item 4) measures; 0 means the smallest size.
 	LoadAt int
 	// RPSDuration is how long the proxied runs of item 3 last in all, and so do the direct ones;
-	// they alternate in RPSRounds rounds (a proxied run then a direct one, each at least 1 s).
+	// they alternate in RPSRounds rounds (a proxied run and a direct one, each at least 1 s; the
+	// odd rounds start with the proxied run, the even ones with the direct one).
 	// Connections is the number of keep-alive connections of the load generator.
 	RPSDuration time.Duration
 	RPSRounds   int
@@ -90,8 +91,8 @@ func Defaults() Config {
 		StartRuns:     3,
 		Instances:     3,
 		LoadAt:        1000,
-		RPSDuration:   10 * time.Second,
-		RPSRounds:     5,
+		RPSDuration:   18 * time.Second,
+		RPSRounds:     9,
 		Connections:   32,
 		ChurnDuration: 30 * time.Second,
 		ChurnRate:     5,

@@ -208,8 +208,8 @@ func startProfile(path string) (func(), error) {
 
 // throughputRows measures once HAProxy has settled (the reload that follows routes added through
 // the runtime API is done, its old worker gone), so that neither run shares the cores with it. The
-// two are measured in RPSRounds rounds, each a proxied run then a direct one, so that a drift of
-// the machine weighs on both alike; each figure is the median of its rounds, and the ratio the
+// two are measured in RPSRounds rounds, each a proxied run and a direct one (in turn the one or the
+// other first), so that a drift of the machine weighs on both alike; each figure is the median of its rounds, and the ratio the
 // median of the rounds' ratios, so that a burst of other work on the shared cores (Consul's own
 // housekeeping takes a core for a second or two now and then) moves one round, not the figure.
 func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
@@ -227,13 +227,28 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 	for i := range rounds {
 		// Consul's CPU time during each run tells a round that shared the cores with its
 		// housekeeping.
-		c0 := cpuTime(w.consul.pid)
-		p, err := h.load(ctx, w.proxyURL(svc), w.host(svc), each)
-		perr = errors.Join(perr, err)
-		c1 := cpuTime(w.consul.pid)
-		d, err := h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), "", each)
-		derr = errors.Join(derr, err)
-		c2 := cpuTime(w.consul.pid)
+		var p, d loadResult
+		var cp, cd time.Duration
+		proxiedRun := func() {
+			c := cpuTime(w.consul.pid)
+			var err error
+			p, err = h.load(ctx, w.proxyURL(svc), w.host(svc), each)
+			perr, cp = errors.Join(perr, err), cpuTime(w.consul.pid)-c
+		}
+		directRun := func() {
+			c := cpuTime(w.consul.pid)
+			var err error
+			d, err = h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), "", each)
+			derr, cd = errors.Join(derr, err), cpuTime(w.consul.pid)-c
+		}
+		// Either run of a round may follow the other: neither gains from coming first or last.
+		if i%2 == 0 {
+			proxiedRun()
+			directRun()
+		} else {
+			directRun()
+			proxiedRun()
+		}
 		proxied, direct = append(proxied, p.rps), append(direct, d.rps)
 		failedP, failedD = failedP+p.failed, failedD+d.failed
 		r := 0.0
@@ -242,7 +257,7 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		}
 		ratios = append(ratios, r)
 		h.say("item 3, round %d of %d (%d services): %.0f requests/s proxied, %.0f direct (%.2f); Consul's CPU meanwhile: %s, %s",
-			i+1, rounds, n, p.rps, d.rps, r, fmtMS(c1-c0), fmtMS(c2-c1))
+			i+1, rounds, n, p.rps, d.rps, r, fmtMS(cp), fmtMS(cd))
 	}
 	tool := "wrk"
 	if h.wrk == "" {
