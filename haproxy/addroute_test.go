@@ -50,7 +50,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 	with := func(extra ...route.Backend) []byte {
 		return Render(s, append(append([]route.Backend{}, base...), extra...))
 	}
-	oldMap := mapUse.FindStringSubmatch(string(old))[1]
+	oldMap := mapUse.FindStringSubmatch(string(old))[2]
 
 	t.Run("a plain route", func(t *testing.T) {
 		next := with(newRoute("new", one, "/new"))
@@ -58,7 +58,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		if !ok {
 			t.Fatalf("Diff refuses a plain route added to the map:\n%s", next)
 		}
-		newMap := mapUse.FindStringSubmatch(string(next))[1]
+		newMap := mapUse.FindStringSubmatch(string(next))[2]
 		want := Delta{
 			Backends: []ServerChange{{Backend: "new-be", Add: []Server{{Name: "10.1.0.1:8080", Addr: "10.1.0.1:8080", Check: "check"}}}},
 			MapAdds:  []MapEntry{{Map: oldMap, Key: "/new", Backend: "new-be"}},
@@ -85,7 +85,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		if !ok {
 			t.Fatalf("Diff refuses a route by domain added to the map by host and path:\n%s", next)
 		}
-		m := mapUse.FindStringSubmatch(string(oldHosts))[1]
+		m := mapUse.FindStringSubmatch(string(oldHosts))[2]
 		want := []MapEntry{{Map: m, Key: "new.example.com/new", Backend: "new-be"}, {Map: m, Key: "new.example.org/new", Backend: "new-be"}}
 		if !reflect.DeepEqual(d.MapAdds, want) || len(d.Backends) != 1 {
 			t.Fatalf("Diff = %+v\nwant the map adds %+v and one backend", d, want)
@@ -94,7 +94,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 	t.Run("a route removed", func(t *testing.T) {
 		next := Render(s, base[1:])
 		d, ok := Diff(old, next)
-		newMap := mapUse.FindStringSubmatch(string(next))[1]
+		newMap := mapUse.FindStringSubmatch(string(next))[2]
 		want := Delta{
 			MapDels: []MapEntry{{Map: oldMap, Key: "/svc-0", Backend: "svc-0-be"}},
 			Removed: []string{"svc-0-be"},
@@ -119,7 +119,7 @@ func TestDiffAddedRoutes(t *testing.T) {
 		// comes back.
 		withLong := with(newRoute("long", one, "/svc-1", "/a-path-longer-than-the-others"))
 		d, ok := Diff(withLong, old)
-		m := mapUse.FindStringSubmatch(string(withLong))[1]
+		m := mapUse.FindStringSubmatch(string(withLong))[2]
 		if !ok || len(d.MapAdds) != 0 || !reflect.DeepEqual(d.MapSets, []MapEntry{{Map: m, Key: "/svc-1", Backend: "svc-1-be"}}) ||
 			!reflect.DeepEqual(d.MapDels, []MapEntry{{Map: m, Key: "/a-path-longer-than-the-others", Backend: "long-be"}}) ||
 			!reflect.DeepEqual(d.Removed, []string{"long-be"}) {
@@ -191,6 +191,44 @@ func TestDiffAddedRoutes(t *testing.T) {
 		if d, ok := Diff(from, next); ok {
 			t.Errorf("%s: Diff = %+v, want refused", name, d)
 		}
+	}
+}
+
+// A map of path_end, path_dir or path_reg routes is tried in order, and the runtime API adds at
+// its end: Diff takes a new route that comes last, or a route removed, and leaves a new route
+// that comes between others to a reload.
+func TestDiffOrderedMaps(t *testing.T) {
+	s := testSettings()
+	s.MapsDir, s.SpareBackends = "/run/dfp/maps", 2
+	one := []route.Instance{{Address: "10.1.0.1", Port: 8080}}
+	for _, pt := range []route.PathType{route.PathEnd, route.PathDir, route.PathReg} {
+		t.Run(string(pt), func(t *testing.T) {
+			var base []route.Backend
+			for i := 1; i <= MinMapRoutes+1; i++ {
+				b := newRoute(fmt.Sprintf("e%d", i), one, fmt.Sprintf("/e%d", i))
+				b.Route.PathType = pt
+				base = append(base, b)
+			}
+			old := Render(s, base)
+			if !strings.Contains(string(old), ",map_"+strings.TrimPrefix(string(pt), "path_")+"(") {
+				t.Fatalf("the routes are not routed through a map:\n%s", old)
+			}
+			with := func(name, path string) []byte {
+				b := newRoute(name, one, path)
+				b.Route.PathType = pt
+				return Render(s, append(slices.Clone(base), b))
+			}
+			// Paths of one length: the routes come by name.
+			if d, ok := Diff(old, with("z", "/zz")); !ok || len(d.MapAdds) != 1 || d.MapAdds[0].Key != "/zz" {
+				t.Errorf("a route that comes last: Diff = %+v, %v; want one entry added", d, ok)
+			}
+			if d, ok := Diff(old, with("e55", "/q5")); ok {
+				t.Errorf("a route between others: Diff = %+v, want refused", d)
+			}
+			if d, ok := Diff(old, Render(s, base[1:])); !ok || len(d.MapDels) != 1 || d.MapDels[0].Key != "/e1" {
+				t.Errorf("a route removed: Diff = %+v, %v; want its entry removed", d, ok)
+			}
+		})
 	}
 }
 
@@ -605,8 +643,27 @@ func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
 // Routes of a map (by path, and by domain and path) added, removed, given other paths and taking
 // one another's paths, changed through the runtime API where it can (a reload where it cannot),
 // route every request as a HAProxy that loads each config afresh does: two real HAProxy processes
-// serve the same tables and are compared request by request after every change.
+// serve the same tables and are compared request by request after every change. So for each path
+// type: path_beg, path_beg and path mixed (a map of exact paths and one of prefixes), and path_end,
+// path_dir and path_reg, whose maps are tried in order (the runtime API adds at the end only, the
+// other changes need a reload).
 func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		types      []route.PathType
+		minRuntime int // of the 30 changes, those at least that go through the runtime API
+	}{
+		{"path_beg", []route.PathType{route.PathBeg}, 10},
+		{"path_beg and path", []route.PathType{route.PathBeg, route.Path}, 10},
+		{"path_end", []route.PathType{route.PathEnd}, 3},
+		{"path_dir", []route.PathType{route.PathDir}, 3},
+		{"path_reg", []route.PathType{route.PathReg}, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) { runtimeChangesRouteAsAReloadDoes(t, tc.types, tc.minRuntime) })
+	}
+}
+
+func runtimeChangesRouteAsAReloadDoes(t *testing.T, types []route.PathType, minRuntime int) {
 	seed := uint64(time.Now().UnixNano())
 	if v := os.Getenv("DFP_RUNTIME_SEED"); v != "" { // to replay a failure
 		var err error
@@ -626,7 +683,9 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		return []route.Instance{{Address: "127.0.0.1", Port: ports[name]}}
 	}
 	table := map[string][]string{}
-	hostOf := map[string]string{} // the route's domain, if it has one
+	hostOf := map[string]string{}          // the route's domain, if it has one
+	typeOf := map[string]route.PathType{} // the route's path type
+	pathType := func() route.PathType { return types[rng.IntN(len(types))] }
 	hosts := []string{"", "a.test", "b.test"}
 	for i := 0; i < 24; i++ {
 		name := fmt.Sprintf("r%02d", i)
@@ -638,6 +697,7 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		if i >= 12 {
 			hostOf[name] = ""
 		}
+		typeOf[name] = pathType()
 	}
 	type side struct {
 		s Settings
@@ -651,6 +711,7 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		var bs []route.Backend
 		for name, paths := range table {
 			b := newRoute(name, inst(name), paths...)
+			b.Route.PathType = typeOf[name]
 			if h := hostOf[name]; h != "" {
 				b.Route.ServiceDomain = []string{h}
 			}
@@ -680,16 +741,21 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		return out
 	}
 	byRuntime := 0
-	for step, next := 0, 24; step < 30; step++ {
+	for step := 0; step < 30; step++ {
 		ns := names()
 		some := ns[rng.IntN(len(ns))]
 		var what string
 		switch op := rng.IntN(4); {
 		case op == 0 || len(ns) <= 2*MinMapRoutes+1:
-			name := fmt.Sprintf("r%02d", next)
-			next++
+			// A name anywhere in the order of names, so that a new route often comes between
+			// others of a map tried in order.
+			name := some
+			for table[name] != nil {
+				name = fmt.Sprintf("r%02d", rng.IntN(100))
+			}
 			table[name] = []string{"/" + name, vocab[rng.IntN(len(vocab))]}
 			hostOf[name] = hosts[rng.IntN(len(hosts))]
+			typeOf[name] = pathType()
 			what = "added " + name
 		case op == 1:
 			delete(table, some)
@@ -719,7 +785,7 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 		}
 		asked := slices.Clone(paths)
 		for _, name := range names() {
-			asked = append(asked, "/"+name+"/x")
+			asked = append(asked, "/"+name, "/"+name+"/x")
 		}
 		for _, path := range asked {
 			for _, host := range []string{"a.test", "B.test:80"} { // and the routes without a domain where none of theirs matches
@@ -730,8 +796,8 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 			}
 		}
 	}
-	if byRuntime < 10 {
-		t.Fatalf("only %d of 30 changes went through the runtime API", byRuntime)
+	if byRuntime < minRuntime {
+		t.Fatalf("only %d of 30 changes went through the runtime API, want %d at least", byRuntime, minRuntime)
 	}
 	t.Logf("%d of 30 changes went through the runtime API", byRuntime)
 }

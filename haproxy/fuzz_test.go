@@ -104,8 +104,9 @@ var allowed = map[string][]string{
 
 var (
 	mapHeader = regexp.MustCompile(`^#map /[A-Za-z0-9_./-]+/routes-[0-9a-f]{16}\.map$`)
-	// A path prefix, or (a map by host and path) a domain in lower case and a path prefix.
-	mapEntry         = regexp.MustCompile(`^#    ([a-z0-9-]+(\.[a-z0-9-]+)*)?/[A-Za-z0-9\-._~!&()*+;=:@%/]* [A-Za-z0-9_.-]+-be(-[0-9]+)?$`)
+	// A path (a map by host and path: a domain in lower case and a path), a path's end, or a regular
+	// expression that may end with '$'.
+	mapEntry         = regexp.MustCompile(`^#    ([a-z0-9-]+(\.[a-z0-9-]+)*)?/[A-Za-z0-9\-._~!&()*+;=:@%/]* [A-Za-z0-9_.-]+-be(-[0-9]+)?$|^#    [A-Za-z0-9\-._~!&()*+;=:@%/]+ [A-Za-z0-9_.-]+-be(-[0-9]+)?$|^#    [A-Za-z0-9\-._~!&()*+;=:@%/^\[\]{}|?<>]+\$? [A-Za-z0-9_.-]+-be(-[0-9]+)?$`)
 	tcpFrontend      = regexp.MustCompile(`^frontend tcp_[0-9]+$`)
 	backendNameShape = regexp.MustCompile(`-be(-[0-9]+|-(tcp|sni)-[0-9]+)?$|^dfp-spare-[0-9]+$`)
 )

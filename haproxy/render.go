@@ -259,19 +259,20 @@ func renderFrame(s Settings, bs []route.Backend) (head, tail []byte) {
 			continue
 		}
 		if kind := mapped[i]; kind != notMapped {
-			// A run of plain routes in routing order becomes one map, in the same order: map_beg
-			// answers the first entry that matches, as the use_backend lines would.
+			// A run of routes in routing order becomes one map or two, which answer what its
+			// use_backend lines would (newMapFiles).
 			j := i
 			for j < len(order) && mapped[j] == kind {
 				j++
 			}
-			m := newMapFile(s.MapsDir, kind, order[i:j])
-			maps = append(maps, m)
 			key := "path"
 			if kind == byHostPath {
 				key = "var(txn." + hostPathVar + ")"
 			}
-			w("    use_backend %%[%s,map_beg(%s)] if { %s,map_beg(%s) -m found }", key, m.path, key, m.path)
+			for _, m := range newMapFiles(s.MapsDir, kind, order[i:j]) {
+				maps = append(maps, m)
+				w("    use_backend %%[%s,%s(%s)] if { %s,%s(%s) -m found }", key, m.match, m.path, key, m.match, m.path)
+			}
 			i = j - 1
 			continue
 		}
@@ -322,8 +323,8 @@ func writeSections(w func(string, ...any), s Settings, be route.Backend) {
 	}
 }
 
-// MinMapRoutes is the shortest run of plain routes that a map stands for: a few routes stay acl
-// and use_backend lines, which users read more easily in /config.
+// MinMapRoutes is the shortest run of routes of one kind that maps stand for: a few routes stay
+// acl and use_backend lines, which users read more easily in /config.
 const MinMapRoutes = 8
 
 func writeUseBackends(w func(string, ...any), rds []routedDest) {
@@ -346,45 +347,80 @@ const (
 
 type mapFile struct {
 	path    string
-	entries [][2]string // key (a path prefix, or a domain and a path prefix), backend
+	match   string      // the converter that looks the key up: map_beg, map_str, map_end, map_dir or map_reg
+	entries [][2]string // key (a path pattern, or a domain and a path), backend
 }
 
-// newMapFile makes the map of a run of plain routes, each route's paths in routing order (by host
-// and path: each of its domains in lower case followed by each path). HAProxy's map_beg answers the
-// longest entry that is a prefix of the key, while use_backend lines answer the first route that
-// matches: the two agree once every entry that an earlier entry is a prefix of is left out. Such an
-// entry never wins as a use_backend line either (every request it matches, the earlier one matches
-// first), and of the entries left, those that match one request are prefixes of one another, the
-// longest first. A domain holds no '/' and a path starts with one, so a host-and-path entry is a
-// prefix of a request's key only when the hosts are equal and the entry's path is a prefix of the
-// request's. The map's name holds a hash of its content: a map that changes is a new file, and so
-// a new config.
-func newMapFile(dir string, kind mapKind, run []routedDest) mapFile {
-	var m mapFile
-	h := sha256.New()
-	earlier := map[string]bool{}
-	add := func(key, be string) {
-		if shadowed(earlier, key) {
-			return
-		}
-		earlier[key] = true
-		m.entries = append(m.entries, [2]string{key, be})
-		h.Write([]byte(key + " " + be + "\n"))
-	}
+// newMapFiles makes the maps of a run of routes of one kind, each route's paths in routing order
+// (by host and path: each of its domains in lower case followed by each path). The frontend looks
+// the request up in them in the order returned; they answer the backend that the run's use_backend
+// lines would, the first route that matches:
+//   - path_end, path_dir and path_reg (byPathEnd, byPathDir, byPathReg): HAProxy looks the entries of
+//     such a map up in the order of the file and answers the first that matches, so one map holds
+//     the run in routing order. A path that an earlier route has already is left out, so that each
+//     key is once in the map (the runtime API changes entries by key).
+//   - path_beg and path (byPath, byHostPath): a map of exact paths (map_str) and, after it, one of
+//     prefixes (map_beg), both trees. map_beg answers the longest entry that is a prefix of the key;
+//     the use_backend lines, the first route that matches. The two agree once every prefix that an
+//     earlier prefix is a prefix of is left out: such an entry never wins as a use_backend line
+//     either (every request it matches, the earlier one matches first), and of the entries left,
+//     those that match one request are prefixes of one another, the longest first. An exact path
+//     is left out when an earlier prefix is a prefix of it or an earlier route has it: so a request
+//     that an exact entry kept matches is matched by no earlier entry, and one that a left-out
+//     exact path would match is answered by the map of prefixes (the earlier prefix that shadows
+//     it), or by the earlier exact entry.
+//
+// A domain holds no '/' and a path starts with one, so a host-and-path entry is a prefix of a
+// request's key only when the hosts are equal and the entry's path is a prefix of the request's,
+// and equals it only when both are equal. A map's name holds a hash of its converter and content:
+// a map that changes is a new file, and so a new config.
+func newMapFiles(dir string, kind mapKind, run []routedDest) []mapFile {
+	tree := kind == byPath || kind == byHostPath
+	var exact, other mapFile
+	exact.match, other.match = "map_str", mapMatch[kind]
+	prefixes, keys := map[string]bool{}, map[string]bool{} // keys: the exact paths of a tree, else every key
 	for _, rd := range run {
 		be := backendName(rd.be.Route, rd.dest)
+		isExact := tree && rd.dest.PathType == route.Path
+		add := func(key string) {
+			switch {
+			case tree && shadowed(prefixes, key): // an earlier prefix matches first
+			case !isExact && tree:
+				prefixes[key] = true
+				other.entries = append(other.entries, [2]string{key, be})
+			case keys[key]: // an earlier route has the key
+			case isExact:
+				keys[key] = true
+				exact.entries = append(exact.entries, [2]string{key, be})
+			default:
+				keys[key] = true
+				other.entries = append(other.entries, [2]string{key, be})
+			}
+		}
 		for _, p := range rd.dest.ServicePath {
-			if kind == byPath {
-				add(p, be)
+			if kind != byHostPath {
+				add(p)
 				continue
 			}
 			for _, d := range rd.dest.ServiceDomain {
-				add(strings.ToLower(d)+p, be)
+				add(strings.ToLower(d) + p)
 			}
 		}
 	}
-	m.path = filepath.Join(dir, "routes-"+hex.EncodeToString(h.Sum(nil))[:16]+".map")
-	return m
+	var out []mapFile
+	for _, m := range []*mapFile{&exact, &other} {
+		if len(m.entries) == 0 {
+			continue
+		}
+		h := sha256.New()
+		h.Write([]byte(m.match + "\n"))
+		for _, e := range m.entries {
+			h.Write([]byte(e[0] + " " + e[1] + "\n"))
+		}
+		m.path = filepath.Join(dir, "routes-"+hex.EncodeToString(h.Sum(nil))[:16]+".map")
+		out = append(out, *m)
+	}
+	return out
 }
 
 // shadowed reports whether one of the paths is a prefix of p (or p itself).
@@ -408,9 +444,16 @@ type mapKind uint8
 
 const (
 	notMapped  mapKind = iota
-	byPath             // the map's keys are path prefixes
-	byHostPath         // the map's keys are a domain followed by a path prefix
+	byPath             // path_beg and path without domains: the keys are paths
+	byHostPath         // path_beg and path with domains: the keys are a domain followed by a path
+	byPathEnd          // path_end without domains: the keys are path endings
+	byPathDir          // path_dir without domains: the keys are directories
+	byPathReg          // path_reg without domains: the keys are regular expressions
 )
+
+// mapMatch is the converter of each kind's map (byPath and byHostPath also have one of exact paths).
+var mapMatch = map[mapKind]string{byPath: "map_beg", byHostPath: "map_beg", byPathEnd: "map_end",
+	byPathDir: "map_dir", byPathReg: "map_reg"}
 
 // The variables of the services frontend that hold the key of the maps by host and path.
 const (
@@ -419,7 +462,7 @@ const (
 )
 
 // mappedDests tells, by position in order, the destinations routed through maps: those in runs of
-// at least MinMapRoutes plain routes of one kind in routing order.
+// at least MinMapRoutes routes of one kind in routing order.
 func mappedDests(s Settings, order []routedDest) []mapKind {
 	out := make([]mapKind, len(order))
 	for i := 0; i < len(order); {
@@ -438,22 +481,31 @@ func mappedDests(s Settings, order []routedDest) []mapKind {
 	return out
 }
 
-// mapKindOf tells how a destination is routed through a map, when maps are on and it is a plain
-// HTTP route (path_beg, no aclName, no frontend template): by path without domains, by host and
-// path with domains matched exactly (not with serviceDomainMatchAll).
+// mapKindOf tells how a destination is routed through a map, when maps are on and it is an HTTP
+// route without a frontend template: by path (any path type) without domains; by host and path
+// (path_beg and path) with domains matched exactly (not with serviceDomainMatchAll). Other routes
+// with domains keep their acl lines.
 func mapKindOf(s Settings, rd routedDest) mapKind {
 	r, d := rd.be.Route, rd.dest
-	if s.MapsDir == "" || rd.be.FrontendSnippet != "" || d.Mode() != route.ModeHTTP ||
-		d.PathType != route.PathBeg || r.ACLName != "" {
+	if s.MapsDir == "" || rd.be.FrontendSnippet != "" || d.Mode() != route.ModeHTTP {
 		return notMapped
 	}
-	if len(d.ServiceDomain) == 0 {
-		return byPath
+	switch d.PathType {
+	case route.PathBeg, route.Path:
+		switch {
+		case len(d.ServiceDomain) == 0:
+			return byPath
+		case r.ServiceDomainMatchAll:
+			return notMapped
+		}
+		return byHostPath
+	case route.PathEnd, route.PathDir, route.PathReg:
+		if len(d.ServiceDomain) > 0 {
+			return notMapped
+		}
+		return map[route.PathType]mapKind{route.PathEnd: byPathEnd, route.PathDir: byPathDir, route.PathReg: byPathReg}[d.PathType]
 	}
-	if r.ServiceDomainMatchAll {
-		return notMapped
-	}
-	return byHostPath
+	return notMapped
 }
 
 // writeSnippet writes a rendered custom template, line by line, without the blank lines at its ends.

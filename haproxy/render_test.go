@@ -36,7 +36,7 @@ func caseSettings(name string, s Settings) Settings {
 	case "stats":
 		s.StatsPort, s.StatsUser = 9100, &route.User{Name: "admin", Password: "stats-secret"}
 		s.Threads = 2
-	case "maps":
+	case "maps", "path-types":
 		if s.MapsDir == "" {
 			s.MapsDir = "/run/dfp/maps"
 		}
@@ -107,6 +107,9 @@ func renderCases() map[string][]route.Backend {
 		// Maps: runs of at least MinMapRoutes plain routes, in routing order, become one map each;
 		// the other routes keep their acl lines between them.
 		"maps": mapsCase(),
+		// Maps of every path type: a map each for path_reg, path_end and path_dir; for path and
+		// path_beg a map of exact paths before one of prefixes, by path and by host and path.
+		"path-types": pathTypesCase(),
 		// Custom templates, rendered: they stand for the route's frontend lines and its backend.
 		"templates": {
 			{Route: books, Instances: three},

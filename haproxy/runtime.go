@@ -168,7 +168,7 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	for k, nm := range n.mapOrder {
 		om := o.mapOrder[k]
 		adds, sets, dels, ok := diffEntries(om, o.maps[om], n.maps[nm])
-		if !ok {
+		if !ok || n.ordered[nm] && !inOrder(o.maps[om], n.maps[nm], adds, sets, dels) {
 			return Delta{}, false
 		}
 		d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
@@ -213,7 +213,7 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 			continue
 		}
 		text := l.text
-		if len(renames) > 0 && strings.Contains(text, "map_beg(") {
+		if len(renames) > 0 && strings.Contains(text, ",map_") {
 			for nm, om := range renames {
 				text = strings.ReplaceAll(text, nm, om)
 			}
@@ -353,6 +353,35 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapEntry, ok boo
 	return adds, sets, dels, true
 }
 
+// inOrder reports whether the entries of a map whose entries are tried in order (oe, served) become
+// ne, in ne's order, once the runtime API has removed dels, set sets in place and added adds (at
+// the end, as it does).
+func inOrder(oe, ne []string, adds, sets, dels []MapEntry) bool {
+	del := make(map[string]bool, len(dels))
+	for _, e := range dels {
+		del[e.Key] = true
+	}
+	set := make(map[string]string, len(sets))
+	for _, e := range sets {
+		set[e.Key] = e.Backend
+	}
+	got := make([]string, 0, len(ne))
+	for _, e := range oe {
+		key, be, _ := strings.Cut(e, " ")
+		if del[key] {
+			continue
+		}
+		if b, ok := set[key]; ok {
+			be = b
+		}
+		got = append(got, key+" "+be)
+	}
+	for _, e := range adds {
+		got = append(got, e.Key+" "+e.Backend)
+	}
+	return slices.Equal(got, ne)
+}
+
 // lazySet returns the set of the keys of es, built into *s on the first call.
 func lazySet[E any](s *map[string]bool, es []E, key func(E) string) map[string]bool {
 	if *s == nil {
@@ -407,6 +436,7 @@ type parsedConfig struct {
 	hasSpare bool                // a backend is a spare one
 	maps     map[string][]string // map file to its lines
 	mapOrder []string            // map files in the order the config uses them
+	ordered  map[string]bool     // the maps whose entries are tried in order (map_end, map_dir, map_reg)
 }
 
 type cfgLine struct {
@@ -467,7 +497,10 @@ var checkWords = regexp.MustCompile(`^check( inter [1-9][0-9]*(ms|s))?$`)
 // serverPrefix starts every server line Render writes.
 const serverPrefix = "    server "
 
-var mapUse = regexp.MustCompile(`map_beg\(([^)]+)\)`)
+// mapUse finds the maps a frontend line looks up, and how: map_beg and map_str look a key up in a
+// tree, where an entry's place does not matter; map_end, map_dir and map_reg try the entries in
+// order, and the runtime API adds an entry at the end.
+var mapUse = regexp.MustCompile(`,(map_(?:beg|str|end|dir|reg))\(([^)]+)\)`)
 
 // parseConfig splits cfg. ok is false when a backend's server lines are not together at its end or
 // a backend repeats (servers reads the server lines of the backends that differ). Lines are
@@ -530,11 +563,17 @@ func parseConfig(cfg []byte) (parsedConfig, bool) {
 		case backend >= 0 && pc.backends[backend].srvTo > pc.backends[backend].srvFrom:
 			return parsedConfig{}, false // a line after the servers
 		}
-		if strings.Contains(line, "map_beg(") {
+		if strings.Contains(line, ",map_") {
 			for _, m := range mapUse.FindAllStringSubmatch(line, -1) {
-				if !seenMap[m[1]] {
-					seenMap[m[1]] = true
-					pc.mapOrder = append(pc.mapOrder, m[1])
+				if !seenMap[m[2]] {
+					seenMap[m[2]] = true
+					pc.mapOrder = append(pc.mapOrder, m[2])
+					if m[1] != "map_beg" && m[1] != "map_str" {
+						if pc.ordered == nil {
+							pc.ordered = map[string]bool{}
+						}
+						pc.ordered[m[2]] = true
+					}
 				}
 			}
 		}
