@@ -683,7 +683,7 @@ func runtimeChangesRouteAsAReloadDoes(t *testing.T, types []route.PathType, minR
 		return []route.Instance{{Address: "127.0.0.1", Port: ports[name]}}
 	}
 	table := map[string][]string{}
-	hostOf := map[string]string{}          // the route's domain, if it has one
+	hostOf := map[string]string{}         // the route's domain, if it has one
 	typeOf := map[string]route.PathType{} // the route's path type
 	pathType := func() route.PathType { return types[rng.IntN(len(types))] }
 	hosts := []string{"", "a.test", "b.test"}

@@ -37,14 +37,7 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 		strings.Count(mapCfg, "var(txn.dfp_host_path),map_beg(") != 2 || strings.Contains(mapCfg, "acl domain_h0") {
 		t.Fatalf("the configs do not route as intended:\n%s\n---\n%s", aclCfg, mapCfg)
 	}
-	distinct := map[string]bool{}
-	for k, want := range withACLs {
-		distinct[want] = true
-		if got := withMaps[k]; got != want {
-			t.Errorf("%s: through maps %q, through acl lines %q", k, got, want)
-		}
-	}
-	for k, want := range map[string]string{
+	distinct := sameAnswers(t, withACLs, withMaps, map[string]string{
 		"other.example.com/pq/long/x":                         "x",  // the first match, not the longest
 		"b.example.com/shop/cart":                             "h3", // h3's /s comes first on b.example.com
 		"c.example.com/shop/cart":                             "h2",
@@ -54,11 +47,7 @@ func TestMapsRouteAsACLLinesDo(t *testing.T) {
 		"a.example.com/zzz":                                   "domain",
 		"www.example.org/wild-card-path-is-the-longest-one/x": "wild",
 		"d.example.com:80/d6":                                 "h6",
-	} {
-		if got := withMaps[k]; got != "200 "+want {
-			t.Errorf("%s through maps: %q, want route %s", k, got, want)
-		}
-	}
+	})
 	if got := withMaps["example.com/api"]; strings.HasSuffix(got, " h0") {
 		t.Errorf("example.com/api through maps: %q, want no route of a.example.com", got)
 	}
@@ -101,6 +90,25 @@ func routeBothWays(t *testing.T, bs []route.Backend, paths, hosts []string) (wit
 	withACLs, aclCfg = answers(false)
 	withMaps, mapCfg = answers(true)
 	return withACLs, withMaps, aclCfg, mapCfg
+}
+
+// sameAnswers fails t where the answers through maps differ from those through acl lines, or from
+// want (host and path to the route that must answer); it returns the distinct answers.
+func sameAnswers(t *testing.T, withACLs, withMaps, want map[string]string) map[string]bool {
+	t.Helper()
+	distinct := map[string]bool{}
+	for k, a := range withACLs {
+		distinct[a] = true
+		if got := withMaps[k]; got != a {
+			t.Errorf("%s: through maps %q, through acl lines %q", k, got, a)
+		}
+	}
+	for k, route := range want {
+		if got := withMaps[k]; got != "200 "+route {
+			t.Errorf("%s through maps: %q, want route %s", k, got, route)
+		}
+	}
+	return distinct
 }
 
 // pathTypesCase is runs of at least MinMapRoutes routes of each path type, whose patterns overlap,
@@ -189,14 +197,7 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 	if strings.Contains(aclCfg, ",map_") || !strings.Contains(mapCfg, "acl domain_h-end") || strings.Contains(mapCfg, "acl url_r0") {
 		t.Fatalf("the configs do not route as intended:\n%s\n---\n%s", aclCfg, mapCfg)
 	}
-	distinct := map[string]bool{}
-	for k, want := range withACLs {
-		distinct[want] = true
-		if got := withMaps[k]; got != want {
-			t.Errorf("%s: through maps %q, through acl lines %q", k, got, want)
-		}
-	}
-	for k, want := range map[string]string{
+	distinct := sameAnswers(t, withACLs, withMaps, map[string]string{
 		"other.example.com/r/1":          "r0",
 		"other.example.com/r/1x":         "r1",
 		"other.example.com/x/r/y":        "r2",
@@ -219,11 +220,7 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 		"b.example.com/exactly":          "b-root", // no route of b.example.com matches: routes by path answer
 		"d.example.com/d":                "h-d",
 		"g.example.com/fx":               "h-g",
-	} {
-		if got := withMaps[k]; got != "200 "+want {
-			t.Errorf("%s through maps: %q, want route %s", k, got, want)
-		}
-	}
+	})
 	if len(distinct) < 30 {
 		t.Fatalf("the requests reached only %d routes: %v", len(distinct), distinct)
 	}
