@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
 // Config says what to measure and at which sizes.
@@ -58,6 +60,10 @@ type Config struct {
 	// <name>.bench.test, which the harness's requests carry as their Host header (they are
 	// all sent to 127.0.0.1; the names are never resolved).
 	Domains bool
+	// PathType is the routes' pathType (empty: path_beg). Each route's path is the one that
+	// answers its requests (/<name>/x): path_beg /<name>/, path and path_end /<name>/x, path_dir
+	// /<name>, path_reg ^/<name>/.
+	PathType route.PathType
 	// HAProxyThreads is the server's HAProxy threads for items 1, 3 and 4 (--haproxy-threads; 0:
 	// HAProxy's default, one per CPU).
 	HAProxyThreads int
@@ -187,6 +193,9 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 		by := "path"
 		if cfg.Domains {
 			by = "domain and path"
+		}
+		if cfg.PathType != "" {
+			by += " (" + string(cfg.PathType) + ")"
 		}
 		h.say("== %d services x %d instances, routed by %s", n, cfg.Instances, by)
 		w, err := h.newWorld(ctx, n)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/consul"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
 // vmRSS reads a process's resident memory, in MB, from /proc.
@@ -145,7 +146,14 @@ func (w *world) reconfigureSample(ctx context.Context, s int) (latency, call tim
 // routeQuery is the reconfigure query that routes service name on paths (comma-separated), with
 // its domain when the services are routed by domain, and skipCheck as the harness is set.
 func (w *world) routeQuery(name, paths string) url.Values {
-	q := url.Values{"serviceName": {name}, "servicePath": {paths}}
+	ps := strings.Split(paths, ",")
+	for i, p := range ps {
+		ps[i] = w.h.routePath(p)
+	}
+	q := url.Values{"serviceName": {name}, "servicePath": {strings.Join(ps, ",")}}
+	if t := w.h.pathType(); t != route.PathBeg {
+		q.Set("pathType", string(t))
+	}
 	if w.h.cfg.Domains {
 		q.Set("serviceDomain", serviceDomain(name))
 	}

@@ -13,6 +13,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -64,6 +65,28 @@ func serviceName(i int) string { return fmt.Sprintf("svc-%05d", i) }
 // servicePath is the path of a routed service: with a trailing slash, so that /svc-1/ never
 // matches /svc-10/.
 func servicePath(name string) string { return "/" + name + "/" }
+
+// pathType is the routes' path type.
+func (h *harness) pathType() route.PathType {
+	if h.cfg.PathType == "" {
+		return route.PathBeg
+	}
+	return h.cfg.PathType
+}
+
+// routePath is the path, of the routes' path type, that routes the requests under p (which ends
+// with '/'; the harness requests p followed by "x").
+func (h *harness) routePath(p string) string {
+	switch h.pathType() {
+	case route.Path, route.PathEnd:
+		return p + "x"
+	case route.PathDir:
+		return strings.TrimSuffix(p, "/")
+	case route.PathReg:
+		return "^" + p
+	}
+	return p
+}
 
 // serviceDomain is a service's domain when the services are routed by domain (Config.Domains).
 func serviceDomain(name string) string { return name + ".bench.test" }
@@ -165,7 +188,7 @@ func (h *harness) tbCall(f func()) error {
 }
 
 func (h *harness) route(name string) route.Route {
-	r := route.Route{ServiceName: name, ServicePath: []string{servicePath(name)}, PathType: route.PathBeg,
+	r := route.Route{ServiceName: name, ServicePath: []string{h.routePath(servicePath(name))}, PathType: h.pathType(),
 		SkipCheck: h.cfg.SkipCheck}
 	if h.cfg.Domains {
 		r.ServiceDomain = []string{serviceDomain(name)}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/bench/harness"
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
 func main() {
@@ -46,6 +47,7 @@ func run() int {
 	check := flag.Bool("check", false, "route the services with HAProxy health checks (default: skipCheck)")
 	checkInterval := flag.Duration("check-interval", 0, "with -check: HAProxy's health-check interval (--check-interval; 0: HAProxy's default, 2s)")
 	domains := flag.Bool("domains", false, "route every service by domain too (serviceDomain <name>.bench.test, sent as the Host header)")
+	pathType := flag.String("path-type", "path_beg", "the routes' pathType: path_beg, path, path_end, path_dir or path_reg (the path that answers /<name>/x)")
 	noPhases := flag.Bool("no-phases", false, "do not time the steps of a change at the largest size")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of item 1 at the largest size to this file")
 	logLevel := flag.String("log-level", "error", "the server's log level: debug, info, warn, error")
@@ -93,6 +95,13 @@ func run() int {
 	cfg.SkipCheck = !*check
 	cfg.CheckInterval = *checkInterval
 	cfg.Domains = *domains
+	switch pt := route.PathType(*pathType); pt {
+	case route.PathBeg, route.Path, route.PathEnd, route.PathDir, route.PathReg:
+		cfg.PathType = pt
+	default:
+		fmt.Fprintf(os.Stderr, "dfp-bench: -path-type %q is not one of path_beg, path, path_end, path_dir, path_reg\n", *pathType)
+		return 2
+	}
 	cfg.HAProxyThreads = *threads
 	cfg.Phases = !*noPhases
 	cfg.CPUProfile = *cpuProfile
