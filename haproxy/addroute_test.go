@@ -196,7 +196,8 @@ func TestDiffAddedRoutes(t *testing.T) {
 
 // A map of path_end, path_dir or path_reg routes is tried in order, and the runtime API adds at
 // its end: Diff takes a new route that comes last, or a route removed, and leaves a new route
-// that comes between others to a reload.
+// that comes between others to a reload, unless (path_end) no request ends with both its paths and
+// those of the routes after it.
 func TestDiffOrderedMaps(t *testing.T) {
 	s := testSettings()
 	s.MapsDir, s.SpareBackends = "/run/dfp/maps", 2
@@ -213,8 +214,8 @@ func TestDiffOrderedMaps(t *testing.T) {
 			if !strings.Contains(string(old), ",map_"+strings.TrimPrefix(string(pt), "path_")+"(") {
 				t.Fatalf("the routes are not routed through a map:\n%s", old)
 			}
-			with := func(name, path string) []byte {
-				b := newRoute(name, one, path)
+			with := func(name string, paths ...string) []byte {
+				b := newRoute(name, one, paths...)
 				b.Route.PathType = pt
 				return Render(s, append(slices.Clone(base), b))
 			}
@@ -222,8 +223,13 @@ func TestDiffOrderedMaps(t *testing.T) {
 			if d, ok := Diff(old, with("z", "/zz")); !ok || len(d.MapAdds) != 1 || d.MapAdds[0].Key != "/zz" {
 				t.Errorf("a route that comes last: Diff = %+v, %v; want one entry added", d, ok)
 			}
-			if d, ok := Diff(old, with("e55", "/q5")); ok {
-				t.Errorf("a route between others: Diff = %+v, want refused", d)
+			between := with("e55", "/q5")
+			if d, ok := Diff(old, between); ok != (pt == route.PathEnd) {
+				t.Errorf("a route between others: Diff = %+v, %v; want it taken for path_end only", d, ok)
+			}
+			// /e6 ends with 6: a request to /e6 must go to e55, which comes first.
+			if d, ok := Diff(old, with("e55", "/q5", "6")); ok {
+				t.Errorf("a route between others that shares requests with a later one: Diff = %+v, want refused", d)
 			}
 			if d, ok := Diff(old, Render(s, base[1:])); !ok || len(d.MapDels) != 1 || d.MapDels[0].Key != "/e1" {
 				t.Errorf("a route removed: Diff = %+v, %v; want its entry removed", d, ok)

@@ -168,7 +168,7 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	for k, nm := range n.mapOrder {
 		om := o.mapOrder[k]
 		adds, sets, dels, ok := diffEntries(om, o.maps[om], n.maps[nm])
-		if !ok || n.ordered[nm] && !inOrder(o.maps[om], n.maps[nm], adds, sets, dels) {
+		if match := n.ordered[nm]; !ok || match != "" && !inOrder(match, o.maps[om], n.maps[nm], adds, sets, dels) {
 			return Delta{}, false
 		}
 		d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
@@ -353,10 +353,12 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapEntry, ok boo
 	return adds, sets, dels, true
 }
 
-// inOrder reports whether the entries of a map whose entries are tried in order (oe, served) become
-// ne, in ne's order, once the runtime API has removed dels, set sets in place and added adds (at
-// the end, as it does).
-func inOrder(oe, ne []string, adds, sets, dels []MapEntry) bool {
+// inOrder reports whether the entries of a map whose entries are tried in order (oe, served) answer
+// as ne does once the runtime API has removed dels, set sets in place and added adds at the end,
+// as it does: when that makes ne itself, or, for map_end, when each entry added that ne puts before
+// others shares no request with them (neither key ends with the other), so that its place among
+// them does not matter.
+func inOrder(match string, oe, ne []string, adds, sets, dels []MapEntry) bool {
 	del := make(map[string]bool, len(dels))
 	for _, e := range dels {
 		del[e.Key] = true
@@ -376,10 +378,44 @@ func inOrder(oe, ne []string, adds, sets, dels []MapEntry) bool {
 		}
 		got = append(got, key+" "+be)
 	}
+	kept := len(got)
 	for _, e := range adds {
 		got = append(got, e.Key+" "+e.Backend)
 	}
-	return slices.Equal(got, ne)
+	if slices.Equal(got, ne) {
+		return true
+	}
+	if match != "map_end" || len(got) != len(ne) {
+		return false
+	}
+	added := make(map[string]bool, len(adds))
+	for _, e := range got[kept:] {
+		added[e] = true
+	}
+	// The entries kept and the entries added each in the same order in got and ne.
+	var keptNE, addedNE []string
+	for _, e := range ne {
+		if added[e] {
+			addedNE = append(addedNE, e)
+		} else {
+			keptNE = append(keptNE, e)
+		}
+	}
+	if !slices.Equal(keptNE, got[:kept]) || !slices.Equal(addedNE, got[kept:]) {
+		return false
+	}
+	for i, a := range ne {
+		if !added[a] {
+			continue
+		}
+		ak, _, _ := strings.Cut(a, " ")
+		for _, e := range ne[i+1:] {
+			if ek, _, _ := strings.Cut(e, " "); !added[e] && (strings.HasSuffix(ak, ek) || strings.HasSuffix(ek, ak)) {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // lazySet returns the set of the keys of es, built into *s on the first call.
@@ -436,7 +472,7 @@ type parsedConfig struct {
 	hasSpare bool                // a backend is a spare one
 	maps     map[string][]string // map file to its lines
 	mapOrder []string            // map files in the order the config uses them
-	ordered  map[string]bool     // the maps whose entries are tried in order (map_end, map_dir, map_reg)
+	ordered  map[string]string   // the maps whose entries are tried in order, to their converter (map_end, map_dir, map_reg)
 }
 
 type cfgLine struct {
@@ -570,9 +606,9 @@ func parseConfig(cfg []byte) (parsedConfig, bool) {
 					pc.mapOrder = append(pc.mapOrder, m[2])
 					if m[1] != "map_beg" && m[1] != "map_str" {
 						if pc.ordered == nil {
-							pc.ordered = map[string]bool{}
+							pc.ordered = map[string]string{}
 						}
-						pc.ordered[m[2]] = true
+						pc.ordered[m[2]] = m[1]
 					}
 				}
 			}
