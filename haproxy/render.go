@@ -355,11 +355,9 @@ type mapFile struct {
 // (by host and path: each of its domains in lower case followed by each path). The frontend looks
 // the request up in them in the order returned; they answer the backend that the run's use_backend
 // lines would, the first route that matches:
-//   - path_end, and path_reg and path_dir (byPathEnd, byPathReg): HAProxy looks the entries of such a
-//     map up in the order of the file and answers the first that matches, so one map holds the run
-//     in routing order. A path_dir path is written as the regular expression that matches what it
-//     does (dirRegex): HAProxy keeps the results of map_reg lookups in its pattern cache, not those
-//     of map_dir, which would scan every entry for every request. A path that an earlier route has already is left out, so that each
+//   - path_end, path_dir and path_reg (byPathEnd, byPathDir, byPathReg): HAProxy looks the entries of
+//     such a map up in the order of the file and answers the first that matches, so one map holds
+//     the run in routing order. A path that an earlier route has already is left out, so that each
 //     key is once in the map (the runtime API changes entries by key).
 //   - path_beg and path (byPath, byHostPath): a map of exact paths (map_str) and, after it, one of
 //     prefixes (map_beg), both trees. map_beg answers the longest entry that is a prefix of the key;
@@ -400,9 +398,6 @@ func newMapFiles(dir string, kind mapKind, run []routedDest) []mapFile {
 			}
 		}
 		for _, p := range rd.dest.ServicePath {
-			if rd.dest.PathType == route.PathDir {
-				p = dirRegex(p)
-			}
 			if kind != byHostPath {
 				add(p)
 				continue
@@ -426,37 +421,6 @@ func newMapFiles(dir string, kind mapKind, run []routedDest) []mapFile {
 		out = append(out, *m)
 	}
 	return out
-}
-
-// dirCore is a path_dir pattern as HAProxy matches it: without the '/' and '?' at its ends.
-func dirCore(p string) string { return strings.Trim(p, "/?") }
-
-// dirPath is what a path_dir pattern that dirRegex writes may hold: the characters of a URL path
-// that route validation lets through.
-var dirPath = regexp.MustCompile(`^[A-Za-z0-9\-._~!&()*+;=:@%/]+$`)
-
-// dirMapped reports whether a path_dir pattern is routed through a map: its core is not empty and
-// dirRegex can write it.
-func dirMapped(p string) bool { return dirCore(p) != "" && dirPath.MatchString(p) }
-
-// dirRegex is the regular expression that matches the paths that path_dir p matches: HAProxy
-// looks p, without the '/' and '?' at its ends, up in the path where it starts the path or follows
-// a '/' (a path holds no '?'), and ends it or is followed by a '/'. The characters of a path that a
-// regular expression reads as syntax are written as classes of one character ("[.]"), so that the
-// key holds no backslash (which the runtime API would read as an escape). p is dirMapped.
-func dirRegex(p string) string {
-	var b strings.Builder
-	b.WriteString("(^|/)")
-	for _, c := range dirCore(p) {
-		switch c {
-		case '.', '(', ')', '*', '+':
-			b.WriteString("[" + string(c) + "]")
-		default:
-			b.WriteRune(c)
-		}
-	}
-	b.WriteString("(/.*)?$")
-	return b.String()
 }
 
 // shadowed reports whether one of the paths is a prefix of p (or p itself).
@@ -483,11 +447,13 @@ const (
 	byPath             // path_beg and path without domains: the keys are paths
 	byHostPath         // path_beg and path with domains: the keys are a domain followed by a path
 	byPathEnd          // path_end without domains: the keys are path endings
-	byPathReg          // path_reg and path_dir without domains: the keys are regular expressions
+	byPathDir          // path_dir without domains: the keys are directories
+	byPathReg          // path_reg without domains: the keys are regular expressions
 )
 
 // mapMatch is the converter of each kind's map (byPath and byHostPath also have one of exact paths).
-var mapMatch = map[mapKind]string{byPath: "map_beg", byHostPath: "map_beg", byPathEnd: "map_end", byPathReg: "map_reg"}
+var mapMatch = map[mapKind]string{byPath: "map_beg", byHostPath: "map_beg", byPathEnd: "map_end",
+	byPathDir: "map_dir", byPathReg: "map_reg"}
 
 // The variables of the services frontend that hold the key of the maps by host and path.
 const (
@@ -533,19 +499,11 @@ func mapKindOf(s Settings, rd routedDest) mapKind {
 			return notMapped
 		}
 		return byHostPath
-	case route.PathEnd, route.PathReg:
+	case route.PathEnd, route.PathDir, route.PathReg:
 		if len(d.ServiceDomain) > 0 {
 			return notMapped
 		}
-		if d.PathType == route.PathEnd {
-			return byPathEnd
-		}
-		return byPathReg
-	case route.PathDir:
-		if len(d.ServiceDomain) > 0 || slices.ContainsFunc(d.ServicePath, func(p string) bool { return !dirMapped(p) }) {
-			return notMapped
-		}
-		return byPathReg
+		return map[route.PathType]mapKind{route.PathEnd: byPathEnd, route.PathDir: byPathDir, route.PathReg: byPathReg}[d.PathType]
 	}
 	return notMapped
 }
