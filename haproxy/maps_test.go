@@ -134,7 +134,7 @@ func pathTypesCase() []route.Backend {
 		add(fmt.Sprintf("e%d", i), route.PathEnd, nil, 55, end)
 	}
 	// path_dir: d0 answers /api/v1/items, d3 /v2/items (before d4 and d5).
-	for i, dir := range []string{"/api", "/api/v1", "/v1", "/items", "/v2", "/v2/items", "/aa", "/b/c", "/c"} {
+	for i, dir := range []string{"/api", "/api/v1", "/v1", "/items", "/v2", "/v2/items", "/aa/", "/b/c", "/c.d(e)+"} {
 		add(fmt.Sprintf("d%d", i), route.PathDir, nil, 50, dir)
 	}
 	// path and path_beg without domains, by the lengths of their paths: b-exact /a/b comes before
@@ -184,7 +184,9 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 		"/a.html", "/end", "/the/end", "/d", "/a/b/c", "/x/a/b/c", "/api", "/api/", "/api/v1/items", "/apiv1",
 		"/v1", "/x/v1/y", "/items", "/v2/items", "/v2/y", "/aa/b", "/v2/itemsx", "/a", "/a/", "/a/b", "/a/bc", "/a/b/", "/b/c",
 		"/b/cd", "/c", "/c/", "/dup", "/dupx", "/z/exact", "/z/exactly", "/z/ex", "/x-very-long-exact-path",
-		"/x-very-long-exact-path/", "/exact", "/exactly", "/ex", "/e", "/f", "/fx", "/g", "/page.html"}
+		"/x-very-long-exact-path/", "/exact", "/exactly", "/ex", "/e", "/f", "/fx", "/g", "/page.html",
+		"/x/api", "/api.", "/apix", "//api//", "/x/api/v1/", "/aa", "/aa/", "/x/aa", "/aaa", "/x/b/c/y", "/b/cx",
+		"/v2/items/", "/V1", "/c.d(e)+", "/x/c.d(e)+/y", "/cxd(e)+", "/c.d(e)", "/c.d(e)+x", "/c.d(e)+/"}
 	hosts := []string{"other.example.com", "a.example.com", "A.EXAMPLE.com:8080", "b.example.com", "c.example.com",
 		"d.example.com", "e.example.com", "f.example.com", "g.example.com"}
 	withACLs, withMaps, aclCfg, mapCfg := routeBothWays(t, bs, paths, hosts)
@@ -207,6 +209,8 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 		"other.example.com/api/v1/items": "d0",
 		"other.example.com/v2/items":     "d3",
 		"other.example.com/v2/y":         "d4",
+		"other.example.com/x/aa":         "d6",
+		"other.example.com/x/c.d(e)+/y":  "d8",
 		"other.example.com/a/b":          "b-exact",
 		"other.example.com/a/bc":         "b-prefix",
 		"other.example.com/q/r":          "b-multi",
