@@ -64,6 +64,9 @@ type Config struct {
 	// answers its requests (/<name>/x): path_beg /<name>/, path and path_end /<name>/x, path_dir
 	// /<name>, path_reg ^/<name>/.
 	PathType route.PathType
+	// DistinctPaths gives every request of item 3 a path of its own that the route matches (not
+	// with PathType path), so that no lookup HAProxy keeps in its pattern cache answers it.
+	DistinctPaths bool
 	// HAProxyThreads is the server's HAProxy threads for items 1, 3 and 4 (--haproxy-threads; 0:
 	// HAProxy's default, one per CPU).
 	HAProxyThreads int
@@ -196,6 +199,9 @@ func Run(ctx context.Context, tb testing.TB, cfg Config) (Result, error) {
 		}
 		if cfg.PathType != "" {
 			by += " (" + string(cfg.PathType) + ")"
+		}
+		if cfg.DistinctPaths {
+			by += ", every request of item 3 on a path of its own"
 		}
 		h.say("== %d services x %d instances, routed by %s", n, cfg.Instances, by)
 		w, err := h.newWorld(ctx, n)

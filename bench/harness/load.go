@@ -6,13 +6,19 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	neturl "net/url"
+	"os"
 	"os/exec"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
+
+// distinctMark, in a load's URL, is where each request puts a token of its own.
+const distinctMark = "{n}"
 
 type loadResult struct {
 	rps    float64
@@ -39,7 +45,8 @@ func (h *harness) checkWrk() error {
 }
 
 // load sends keep-alive requests to url, with the Host header host unless it is empty, for d from
-// Connections connections.
+// Connections connections. Where url holds distinctMark, each request puts a token of its own there
+// (see Config.DistinctPaths).
 func (h *harness) load(ctx context.Context, url, host string, d time.Duration) (loadResult, error) {
 	if h.wrk != "" {
 		return h.runWrk(ctx, url, host, d)
@@ -61,6 +68,37 @@ func (h *harness) runWrk(ctx context.Context, url, host string, d time.Duration)
 	args := []string{"-t2", "-c" + strconv.Itoa(h.cfg.Connections), "-d" + strconv.Itoa(secs) + "s", "--timeout", "5s"}
 	if host != "" {
 		args = append(args, "-H", "Host: "+host)
+	}
+	if before, after, ok := strings.Cut(url, distinctMark); ok {
+		// A Lua script gives each request a path of its own: the thread's number and a counter.
+		u, err := neturl.Parse(before)
+		if err != nil {
+			return loadResult{}, fmt.Errorf("wrk %s: %w", url, err)
+		}
+		script, err := os.CreateTemp("", "dfp-bench-*.lua")
+		if err != nil {
+			return loadResult{}, fmt.Errorf("wrk script: %w", err)
+		}
+		defer os.Remove(script.Name())
+		_, err = fmt.Fprintf(script, `local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format(nil, %q .. tid .. "-" .. n .. %q)
+end
+`, u.EscapedPath(), after)
+		if cerr := script.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return loadResult{}, fmt.Errorf("wrk script: %w", err)
+		}
+		args = append(args, "-s", script.Name())
+		url = u.Scheme + "://" + u.Host + "/"
 	}
 	cmd := exec.CommandContext(ctx, h.wrk, append(args, url)...)
 	out, err := cmd.CombinedOutput()
@@ -97,7 +135,7 @@ func parseWrk(out string) (loadResult, error) {
 func goLoad(ctx context.Context, url, host string, conns int, d time.Duration) (loadResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
-	var total, failed atomic.Int64
+	var total, failed, seq atomic.Int64
 	var wg sync.WaitGroup
 	var once sync.Once
 	var firstErr error
@@ -107,7 +145,11 @@ func goLoad(ctx context.Context, url, host string, conns int, d time.Duration) (
 		wg.Go(func() {
 			defer c.CloseIdleConnections()
 			for ctx.Err() == nil {
-				req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, url, nil)
+				u := url
+				if strings.Contains(u, distinctMark) {
+					u = strings.Replace(u, distinctMark, strconv.FormatInt(seq.Add(1), 10), 1)
+				}
+				req, err := http.NewRequestWithContext(context.WithoutCancel(ctx), http.MethodGet, u, nil)
 				if err != nil {
 					once.Do(func() { firstErr = err })
 					return

@@ -240,13 +240,13 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		proxiedRun := func() {
 			c := cpuTime(w.consul.pid)
 			var err error
-			p, err = h.load(ctx, w.proxyURL(svc), w.host(svc), each)
+			p, err = h.load(ctx, h.distinct(w.proxyURL(svc)), w.host(svc), each)
 			perr, cp = errors.Join(perr, err), cpuTime(w.consul.pid)-c
 		}
 		directRun := func() {
 			c := cpuTime(w.consul.pid)
 			var err error
-			d, err = h.load(ctx, fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc)), "", each)
+			d, err = h.load(ctx, h.distinct(fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc))), "", each)
 			derr, cd = errors.Join(derr, err), cpuTime(w.consul.pid)-c
 		}
 		// Either run of a round may follow the other: neither gains from coming first or last.
@@ -272,6 +272,9 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		tool = "Go load generator"
 	}
 	how := fmt.Sprintf(", %s -c%d, median of %dx%s", tool, h.cfg.Connections, rounds, each)
+	if h.cfg.DistinctPaths {
+		how += ", each request on a path of its own"
+	}
 	pm, dm := median(proxied), median(direct)
 	h.add(Row{Item: 3, Measure: "requests/s proxied" + how, Services: n, Value: fmt.Sprintf("%.0f", pm), Num: pm, Err: perr})
 	h.add(Row{Item: 3, Measure: "requests/s direct" + how, Services: n, Value: fmt.Sprintf("%.0f", dm), Num: dm, Err: derr})
@@ -285,6 +288,21 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 	h.add(Row{Item: 3, Measure: "requests/s proxied / direct, median of the rounds' ratios", Services: n,
 		Value: fmt.Sprintf("%.2f (rounds %s)", ratio, fmtRatios(ratios)), Num: ratio,
 		Target: ">= 0.50", Met: verdict(err == nil && ratio >= 0.5), Err: err})
+}
+
+// distinct marks where, with DistinctPaths, each request of item 3 to url (a service's path
+// followed by "x") puts a token of its own, so that the route still matches: before the service's
+// path for path_end routes, at the end for the others.
+func (h *harness) distinct(url string) string {
+	if !h.cfg.DistinctPaths {
+		return url
+	}
+	if h.pathType() == route.PathEnd {
+		i := strings.Index(url, "://")
+		j := strings.IndexByte(url[i+3:], '/') + i + 3
+		return url[:j] + "/" + distinctMark + url[j:]
+	}
+	return url + distinctMark
 }
 
 // idleFor is how long idleRow reads HAProxy's CPU time.

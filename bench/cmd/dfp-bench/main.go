@@ -47,6 +47,7 @@ func run() int {
 	check := flag.Bool("check", false, "route the services with HAProxy health checks (default: skipCheck)")
 	checkInterval := flag.Duration("check-interval", 0, "with -check: HAProxy's health-check interval (--check-interval; 0: HAProxy's default, 2s)")
 	domains := flag.Bool("domains", false, "route every service by domain too (serviceDomain <name>.bench.test, sent as the Host header)")
+	distinctPaths := flag.Bool("distinct-paths", false, "item 3: every request on a path of its own that the route matches (not with -path-type path)")
 	pathType := flag.String("path-type", "path_beg", "the routes' pathType: path_beg, path, path_end, path_dir or path_reg (the path that answers /<name>/x)")
 	noPhases := flag.Bool("no-phases", false, "do not time the steps of a change at the largest size")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of item 1 at the largest size to this file")
@@ -100,6 +101,11 @@ func run() int {
 		cfg.PathType = pt
 	default:
 		fmt.Fprintf(os.Stderr, "dfp-bench: -path-type %q is not one of path_beg, path, path_end, path_dir, path_reg\n", *pathType)
+		return 2
+	}
+	cfg.DistinctPaths = *distinctPaths
+	if cfg.DistinctPaths && cfg.PathType == route.Path {
+		fmt.Fprintln(os.Stderr, "dfp-bench: -distinct-paths needs a path type that matches more than one path")
 		return 2
 	}
 	cfg.HAProxyThreads = *threads
