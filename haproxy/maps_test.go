@@ -111,7 +111,8 @@ func sameAnswers(t *testing.T, withACLs, withMaps, want map[string]string) map[s
 	return distinct
 }
 
-// pathTypesCase is runs of at least MinMapRoutes routes of each path type, whose patterns overlap,
+// pathTypesCase is runs of at least MinMapRoutes routes of each path type, and of routes with an
+// aclName, whose patterns overlap,
 // so that a request matches several routes and the first one in routing order must answer. The
 // routes of a run share the length of their longest path (a padding path no request matches),
 // so that each run comes together, its routes by name.
@@ -124,6 +125,13 @@ func pathTypesCase() []route.Backend {
 		}
 		bs = append(bs, route.Backend{Route: route.Route{ServiceName: name, PathType: t, ServiceDomain: domains,
 			ServicePath: append(paths, pad)}})
+	}
+	// aclName routes come first, in aclName order, whatever their paths' lengths: k0's /k/a before
+	// k1's shorter /k, and k2's /k/a/b never answers (k0's /k/a matches every request it does).
+	for i, p := range []string{"/k/a", "/k", "/k/a/b", "/kk", "/k/b", "/kk/", "/kkk/x", "/k/c", "/kz"} {
+		name := fmt.Sprintf("k%d", i)
+		bs = append(bs, route.Backend{Route: route.Route{ServiceName: name, PathType: route.PathBeg, ACLName: name,
+			ServicePath: []string{p}}})
 	}
 	// path_reg: r0 answers /r/1, r1 /r/1x; r2 matches any path holding /r/, r3 any ending in x.
 	for i, re := range []string{"^/r/[0-9]+$", "^/r/1", "/r/", "x$", "^/rr/[a-c]", "^/rr/a", "^/rr/(b|c)/d$", "^/q/[0-9]{2}", "[?]"} {
@@ -179,7 +187,7 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 			t.Fatalf("the case's route %s is not valid: %v", b.Route.ServiceName, err)
 		}
 	}
-	paths := []string{"/", "/r/1", "/r/12", "/r/1x", "/x/r/y", "/ax", "/rr/a", "/rr/ab", "/rr/b/d", "/rr/b/dd",
+	paths := []string{"/k", "/k/", "/k/a", "/k/a/b", "/k/a/bc", "/kk", "/kk/", "/kkk/x", "/k/b/c", "/kz", "/r/1", "/r/12", "/r/1x", "/x/r/y", "/ax", "/rr/a", "/rr/ab", "/rr/b/d", "/rr/b/dd",
 		"/q/12", "/q/1", "/q/r", "/q/rs", "/items.json", "/a/items.json", "/x.js", "/y/x.js", "/xs.json", "/s.js",
 		"/a.html", "/end", "/the/end", "/d", "/a/b/c", "/x/a/b/c", "/api", "/api/", "/api/v1/items", "/apiv1",
 		"/v1", "/x/v1/y", "/items", "/v2/items", "/v2/y", "/aa/b", "/v2/itemsx", "/a", "/a/", "/a/b", "/a/bc", "/a/b/", "/b/c",
@@ -190,16 +198,19 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 	hosts := []string{"other.example.com", "a.example.com", "A.EXAMPLE.com:8080", "b.example.com", "c.example.com",
 		"d.example.com", "e.example.com", "f.example.com", "g.example.com"}
 	withACLs, withMaps, aclCfg, mapCfg := routeBothWays(t, bs, paths, hosts)
-	for _, use := range []string{"path,map_reg(", "path,map_end(", "path,map_dir(", "path,map_str(", "path,map_beg(",
-		"var(txn.dfp_host_path),map_str(", "var(txn.dfp_host_path),map_beg("} {
-		if strings.Count(mapCfg, "use_backend %["+use) != 1 {
-			t.Fatalf("the config does not look routes up with %s once:\n%s", use, mapCfg)
+	for use, n := range map[string]int{"path,map_reg(": 1, "path,map_end(": 1, "path,map_dir(": 1, "path,map_str(": 1,
+		"path,map_beg(": 2, "var(txn.dfp_host_path),map_str(": 1, "var(txn.dfp_host_path),map_beg(": 1} {
+		if strings.Count(mapCfg, "use_backend %["+use) != n {
+			t.Fatalf("the config does not look routes up with %s %d times:\n%s", use, n, mapCfg)
 		}
 	}
 	if strings.Contains(aclCfg, ",map_") || !strings.Contains(mapCfg, "acl domain_h-end") || strings.Contains(mapCfg, "acl url_r0") {
 		t.Fatalf("the configs do not route as intended:\n%s\n---\n%s", aclCfg, mapCfg)
 	}
 	distinct := sameAnswers(t, withACLs, withMaps, map[string]string{
+		"other.example.com/k/a/b":        "k0",
+		"other.example.com/k/b/c":        "k1",
+		"other.example.com/kk/":          "k1",
 		"other.example.com/r/1":          "r0",
 		"other.example.com/r/1x":         "r1",
 		"other.example.com/x/r/y":        "r2",

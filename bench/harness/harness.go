@@ -41,8 +41,7 @@ type Config struct {
 	// (item 4) measures; 0 means the smallest size.
 	LoadAt int
 	// RPSDuration is how long the proxied runs of item 3 last in all, and so do the direct ones;
-	// they alternate in RPSRounds rounds (a proxied run and a direct one, each at least 1 s; the
-	// odd rounds start with the proxied run, the even ones with the direct one).
+	// they alternate in RPSRounds rounds (a proxied run then a direct one, each at least 1 s).
 	// Connections is the number of keep-alive connections of the load generator.
 	RPSDuration time.Duration
 	RPSRounds   int

@@ -216,8 +216,8 @@ func startProfile(path string) (func(), error) {
 
 // throughputRows measures once HAProxy has settled (the reload that follows routes added through
 // the runtime API is done, its old worker gone), so that neither run shares the cores with it. The
-// two are measured in RPSRounds rounds, each a proxied run and a direct one (in turn the one or the
-// other first), so that a drift of the machine weighs on both alike; each figure is the median of its rounds, and the ratio the
+// two are measured in RPSRounds rounds, each a proxied run then a direct one, so that a drift of
+// the machine weighs on both alike; each figure is the median of its rounds, and the ratio the
 // median of the rounds' ratios, so that a burst of other work on the shared cores (Consul's own
 // housekeeping takes a core for a second or two now and then) moves one round, not the figure.
 func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
@@ -249,14 +249,8 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 			d, err = h.load(ctx, h.distinct(fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc))), "", each)
 			derr, cd = errors.Join(derr, err), cpuTime(w.consul.pid)-c
 		}
-		// Either run of a round may follow the other: neither gains from coming first or last.
-		if i%2 == 0 {
-			proxiedRun()
-			directRun()
-		} else {
-			directRun()
-			proxiedRun()
-		}
+		proxiedRun()
+		directRun()
 		proxied, direct = append(proxied, p.rps), append(direct, d.rps)
 		failedP, failedD = failedP+p.failed, failedD+d.failed
 		r := 0.0

@@ -39,7 +39,7 @@ func run() int {
 	instances := flag.Int("instances", d.Instances, "catalog instances of each service")
 	loadAt := flag.Int("load-at", d.LoadAt, "items 3 and 4: services routed meanwhile")
 	rpsDuration := flag.Duration("rps-duration", d.RPSDuration, "item 3: length of the proxied runs in all (and of the direct ones)")
-	rpsRounds := flag.Int("rps-rounds", d.RPSRounds, "item 3: rounds of a proxied run and a direct one (each at least 1 s; odd rounds start proxied, even ones direct); the figures are medians")
+	rpsRounds := flag.Int("rps-rounds", d.RPSRounds, "item 3: rounds of a proxied run then a direct one (each at least 1 s); the figures are medians")
 	connections := flag.Int("connections", d.Connections, "item 3: keep-alive connections (item 4 uses a quarter)")
 	churnDuration := flag.Duration("churn-duration", d.ChurnDuration, "item 4: length of the run")
 	churnRate := flag.Int("churn-rate", d.ChurnRate, "item 4: reconfigure calls per second")
