@@ -127,8 +127,8 @@ func pathTypesCase() []route.Backend {
 			ServicePath: append(paths, pad)}})
 	}
 	// aclName routes come first, in aclName order, whatever their paths' lengths: k0's /k/a before
-	// k1's shorter /k, and k2's /k/a/b never answers (k0's /k/a matches every request it does).
-	for i, p := range []string{"/k/a", "/k", "/k/a/b", "/kk", "/k/b", "/kk/", "/kkk/x", "/k/c", "/kz"} {
+	// k1's shorter /k/, and k2's /k/a/b never answers (k0's /k/a matches every request it does).
+	for i, p := range []string{"/k/a", "/k/", "/k/a/b", "/kk", "/k/b", "/kk/", "/kkk/x", "/k/c", "/kz"} {
 		name := fmt.Sprintf("k%d", i)
 		bs = append(bs, route.Backend{Route: route.Route{ServiceName: name, PathType: route.PathBeg, ACLName: name,
 			ServicePath: []string{p}}})
@@ -210,7 +210,8 @@ func TestMapsOfEveryPathTypeRouteAsACLLinesDo(t *testing.T) {
 	distinct := sameAnswers(t, withACLs, withMaps, map[string]string{
 		"other.example.com/k/a/b":        "k0",
 		"other.example.com/k/b/c":        "k1",
-		"other.example.com/kk/":          "k1",
+		"other.example.com/kk/":          "k3",
+		"other.example.com/kkk/x":        "k3",
 		"other.example.com/r/1":          "r0",
 		"other.example.com/r/1x":         "r1",
 		"other.example.com/x/r/y":        "r2",
