@@ -10,12 +10,14 @@ import (
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/bench/harness"
 	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
+	"github.com/docker-flow-proxy/docker-flow-proxy/route"
 )
 
 // TestHarnessSmoke runs the benchmark harness at tiny sizes (10 services, 2 s of load), with the
 // services routed by path, then by domain and path (dfp-bench -domains), then by path with HAProxy's
-// health checks (dfp-bench -check -check-interval 1s): every row of the table has a figure, and no
-// request fails while the proxy reloads.
+// health checks (dfp-bench -check -check-interval 1s), then by path_end with every request of item
+// 3 on a path of its own (dfp-bench -path-type path_end -distinct-paths): every row of the table has
+// a figure, and no request fails while the proxy reloads.
 func TestHarnessSmoke(t *testing.T) {
 	testenv.HAProxyBin(t)
 	testenv.ConsulBin(t)
@@ -23,6 +25,9 @@ func TestHarnessSmoke(t *testing.T) {
 	t.Run("by domain", func(t *testing.T) { smoke(t, func(c *harness.Config) { c.Domains = true }) })
 	t.Run("with health checks", func(t *testing.T) {
 		smoke(t, func(c *harness.Config) { c.SkipCheck, c.CheckInterval = false, time.Second })
+	})
+	t.Run("path_end, distinct paths", func(t *testing.T) {
+		smoke(t, func(c *harness.Config) { c.PathType, c.DistinctPaths = route.PathEnd, true })
 	})
 }
 
@@ -52,8 +57,8 @@ func smoke(t *testing.T, edit func(*harness.Config)) {
 		}
 	}
 	for _, row := range append(res.Rows, res.Phases...) {
-		if row.Value == "" {
-			t.Errorf("item %d, %s: no figure (%v)", row.Item, row.Measure, row.Err)
+		if row.Value == "" || row.Err != nil {
+			t.Errorf("item %d, %s: figure %q, error %v", row.Item, row.Measure, row.Value, row.Err)
 		}
 	}
 	churn, ok := res.Find(4, "failed requests")
