@@ -238,6 +238,48 @@ func TestDiffOrderedMaps(t *testing.T) {
 	}
 }
 
+// A path_reg route that comes between others goes through the runtime API where no path can match
+// both one of its regular expressions and one of a route after it: both start with '^' and text of
+// which neither is a prefix of the other.
+func TestDiffOrderedRegexMap(t *testing.T) {
+	s := testSettings()
+	s.MapsDir, s.SpareBackends = "/run/dfp/maps", 2
+	one := []route.Instance{{Address: "10.1.0.1", Port: 8080}}
+	reg := func(name string, paths ...string) route.Backend {
+		b := newRoute(name, one, paths...)
+		b.Route.PathType = route.PathReg
+		return b
+	}
+	var base []route.Backend
+	for i := 1; i <= MinMapRoutes+1; i++ {
+		base = append(base, reg(fmt.Sprintf("e%d", i), fmt.Sprintf("^/e%d/x", i)))
+	}
+	old := Render(s, base)
+	for _, tc := range []struct {
+		path string
+		ok   bool
+	}{
+		// Paths of one length: e55 comes after e5, before e6 to e9.
+		{"^/q5/x", true},  // no path starts with /q5/x and /e6/x
+		{"^/e6/x", true},  // e6's own regex: e55 takes its entry, in its place
+		{"^/e6/.", false}, // /e6/x starts with /e6/
+		{"^/e?/x", false}, // no certain text beyond '/': it shares paths with all
+		{"/q5/xy", false}, // not anchored
+		{"^/q|5x", false}, // an alternative need not start with /q
+	} {
+		d, ok := Diff(old, Render(s, append(slices.Clone(base), reg("e55", tc.path))))
+		if ok != tc.ok {
+			t.Errorf("a route with %q between others: Diff = %+v, %v; want %v", tc.path, d, ok, tc.ok)
+		}
+	}
+	for re, want := range map[string]string{"^/api/v[0-9]": "/api/v", "^/ab?": "/a", "^/ab*c": "/a", "^/a+b": "/a",
+		"^/a{2}": "/", "/api": "", "^/a|/b": "", "^(/a)": "", "^/a.b": "/a", "^/a$": "/a"} {
+		if got := anchoredLiteral(re); got != want {
+			t.Errorf("anchoredLiteral(%q) = %q, want %q", re, got, want)
+		}
+	}
+}
+
 // A route added to a map is served at once, from a spare backend through the runtime API, with no
 // reload and no failed request; later changes of its servers go to the spare too; a change that
 // needs more spares than are free is refused and a reload serves it; once no route has been added
@@ -718,6 +760,16 @@ func runtimeChangesRouteAsAReloadDoes(t *testing.T, types []route.PathType, minR
 		for name, paths := range table {
 			b := newRoute(name, inst(name), paths...)
 			b.Route.PathType = typeOf[name]
+			if b.Route.PathType == route.PathReg {
+				// Regular expressions anchored at the start or not: the runtime API adds an
+				// anchored one between others where no path can match it and one after it.
+				b.Route.ServicePath = slices.Clone(paths)
+				for i, p := range paths {
+					if strings.Count(p, "/")%2 == 1 {
+						b.Route.ServicePath[i] = "^" + p
+					}
+				}
+			}
 			if h := hostOf[name]; h != "" {
 				b.Route.ServiceDomain = []string{h}
 			}

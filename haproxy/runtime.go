@@ -355,9 +355,9 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapEntry, ok boo
 
 // inOrder reports whether the entries of a map whose entries are tried in order (oe, served) answer
 // as ne does once the runtime API has removed dels, set sets in place and added adds at the end,
-// as it does: when that makes ne itself, or, for map_end, when each entry added that ne puts before
-// others shares no request with them (neither key ends with the other), so that its place among
-// them does not matter.
+// as it does: when that makes ne itself, or, for map_end and map_reg, when each entry added that ne
+// puts before others shares no request with them (sharesRequests), so that its place among them
+// does not matter.
 func inOrder(match string, oe, ne []string, adds, sets, dels []MapEntry) bool {
 	del := make(map[string]bool, len(dels))
 	for _, e := range dels {
@@ -385,7 +385,7 @@ func inOrder(match string, oe, ne []string, adds, sets, dels []MapEntry) bool {
 	if slices.Equal(got, ne) {
 		return true
 	}
-	if match != "map_end" || len(got) != len(ne) {
+	if match != "map_end" && match != "map_reg" || len(got) != len(ne) {
 		return false
 	}
 	added := make(map[string]bool, len(adds))
@@ -410,12 +410,44 @@ func inOrder(match string, oe, ne []string, adds, sets, dels []MapEntry) bool {
 		}
 		ak, _, _ := strings.Cut(a, " ")
 		for _, e := range ne[i+1:] {
-			if ek, _, _ := strings.Cut(e, " "); !added[e] && (strings.HasSuffix(ak, ek) || strings.HasSuffix(ek, ak)) {
+			if ek, _, _ := strings.Cut(e, " "); !added[e] && sharesRequests(match, ak, ek) {
 				return false
 			}
 		}
 	}
 	return true
+}
+
+// sharesRequests reports whether a request may match both keys of a map_end or map_reg map: for
+// map_end, when one key ends with the other; for map_reg, unless both regular expressions start
+// with '^' and literal text of which neither is a prefix of the other (anchoredLiteral), which no
+// path can start with at once. Other regular expressions may share requests, as far as it knows.
+func sharesRequests(match, a, b string) bool {
+	if match == "map_end" {
+		return strings.HasSuffix(a, b) || strings.HasSuffix(b, a)
+	}
+	la, lb := anchoredLiteral(a), anchoredLiteral(b)
+	return la == "" || lb == "" || strings.HasPrefix(la, lb) || strings.HasPrefix(lb, la)
+}
+
+// anchoredLiteral is the text that every match of a regular expression starts with, when it starts
+// with '^': the characters after it up to the first that is syntax or that a quantifier follows
+// ("^/api/v[0-9]" -> "/api/v", "^/ab?" -> "/a"). It is empty for an expression that does not start
+// with '^' or holds a '|' (whose alternatives need not start with it).
+func anchoredLiteral(re string) string {
+	rest, ok := strings.CutPrefix(re, "^")
+	if !ok || strings.Contains(re, "|") {
+		return ""
+	}
+	const syntax = `\.^$|?*+()[]{}`
+	n := 0
+	for n < len(rest) && !strings.ContainsRune(syntax, rune(rest[n])) {
+		n++
+	}
+	if n < len(rest) && strings.ContainsRune("?*{", rune(rest[n])) {
+		n-- // the quantifier makes the character before it optional
+	}
+	return rest[:max(n, 0)]
 }
 
 // lazySet returns the set of the keys of es, built into *s on the first call.
