@@ -499,11 +499,17 @@ func mapKindOf(s Settings, rd routedDest) mapKind {
 			return notMapped
 		}
 		return byHostPath
-	case route.PathEnd, route.PathDir, route.PathReg:
-		if len(d.ServiceDomain) > 0 {
-			return notMapped
-		}
-		return map[route.PathType]mapKind{route.PathEnd: byPathEnd, route.PathDir: byPathDir, route.PathReg: byPathReg}[d.PathType]
+	}
+	if len(d.ServiceDomain) > 0 {
+		return notMapped
+	}
+	switch d.PathType {
+	case route.PathEnd:
+		return byPathEnd
+	case route.PathDir:
+		return byPathDir
+	case route.PathReg:
+		return byPathReg
 	}
 	return notMapped
 }

@@ -235,22 +235,13 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 	for i := range rounds {
 		// Consul's CPU time during each run tells a round that shared the cores with its
 		// housekeeping.
-		var p, d loadResult
-		var cp, cd time.Duration
-		proxiedRun := func() {
-			c := cpuTime(w.consul.pid)
-			var err error
-			p, err = h.load(ctx, h.distinct(w.proxyURL(svc)), w.host(svc), each)
-			perr, cp = errors.Join(perr, err), cpuTime(w.consul.pid)-c
-		}
-		directRun := func() {
-			c := cpuTime(w.consul.pid)
-			var err error
-			d, err = h.load(ctx, h.distinct(fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc))), "", each)
-			derr, cd = errors.Join(derr, err), cpuTime(w.consul.pid)-c
-		}
-		proxiedRun()
-		directRun()
+		c0 := cpuTime(w.consul.pid)
+		p, err := h.load(ctx, h.distinct(w.proxyURL(svc)), w.host(svc), each)
+		perr = errors.Join(perr, err)
+		c1 := cpuTime(w.consul.pid)
+		d, err := h.load(ctx, h.distinct(fmt.Sprintf("http://127.0.0.1:%d%sx", w.backends.port, servicePath(svc))), "", each)
+		derr = errors.Join(derr, err)
+		c2 := cpuTime(w.consul.pid)
 		proxied, direct = append(proxied, p.rps), append(direct, d.rps)
 		failedP, failedD = failedP+p.failed, failedD+d.failed
 		r := 0.0
@@ -259,7 +250,7 @@ func (h *harness) throughputRows(ctx context.Context, w *world, n int) {
 		}
 		ratios = append(ratios, r)
 		h.say("item 3, round %d of %d (%d services): %.0f requests/s proxied, %.0f direct (%.2f); Consul's CPU meanwhile: %s, %s",
-			i+1, rounds, n, p.rps, d.rps, r, fmtMS(cp), fmtMS(cd))
+			i+1, rounds, n, p.rps, d.rps, r, fmtMS(c1-c0), fmtMS(c2-c1))
 	}
 	tool := "wrk"
 	if h.wrk == "" {
