@@ -223,13 +223,22 @@ func TestDiffOrderedMaps(t *testing.T) {
 			if d, ok := Diff(old, with("z", "/zz")); !ok || len(d.MapAdds) != 1 || d.MapAdds[0].Key != "/zz" {
 				t.Errorf("a route that comes last: Diff = %+v, %v; want one entry added", d, ok)
 			}
+			// A route between others: path_end adds its entry at the end, where it shares no
+			// request with those it comes before; path_dir and path_reg (not anchored) replace
+			// the map, as "/e5" (and "/q5") and "/e6" may match one path.
 			between := with("e55", "/q5")
-			if d, ok := Diff(old, between); ok != (pt == route.PathEnd) {
-				t.Errorf("a route between others: Diff = %+v, %v; want it taken for path_end only", d, ok)
+			d, ok := Diff(old, between)
+			switch {
+			case !ok:
+				t.Errorf("a route between others: Diff refused it")
+			case pt == route.PathEnd && (len(d.MapAdds) != 1 || len(d.MapReplaces) != 0):
+				t.Errorf("a path_end route between others: Diff = %+v; want one entry added", d)
+			case pt != route.PathEnd && !replaces(d, "/e1", "/e2", "/e3", "/e4", "/e5", "/q5", "/e6", "/e7", "/e8", "/e9"):
+				t.Errorf("a route between others: Diff = %+v; want the map replaced, in order", d)
 			}
 			// /e6 ends with 6: a request to /e6 must go to e55, which comes first.
-			if d, ok := Diff(old, with("e55", "/q5", "6")); ok {
-				t.Errorf("a route between others that shares requests with a later one: Diff = %+v, want refused", d)
+			if d, ok := Diff(old, with("e55", "/q5", "6")); !ok || len(d.MapAdds) != 0 || len(d.MapReplaces) != 1 {
+				t.Errorf("a route between others that shares requests with a later one: Diff = %+v, %v; want the map replaced", d, ok)
 			}
 			if d, ok := Diff(old, Render(s, base[1:])); !ok || len(d.MapDels) != 1 || d.MapDels[0].Key != "/e1" {
 				t.Errorf("a route removed: Diff = %+v, %v; want its entry removed", d, ok)
@@ -238,9 +247,22 @@ func TestDiffOrderedMaps(t *testing.T) {
 	}
 }
 
-// A path_reg route that comes between others goes through the runtime API where no path can match
-// both one of its regular expressions and one of a route after it: both start with '^' and text of
-// which neither is a prefix of the other.
+// replaces reports whether d replaces one map, and nothing else of the maps, with the keys given,
+// in order.
+func replaces(d Delta, keys ...string) bool {
+	if len(d.MapAdds) > 0 || len(d.MapSets) > 0 || len(d.MapDels) > 0 || len(d.MapReplaces) != 1 {
+		return false
+	}
+	var got []string
+	for _, e := range d.MapReplaces[0].Entries {
+		got = append(got, e.Key)
+	}
+	return slices.Equal(got, keys)
+}
+
+// A path_reg route that comes between others has its entry added at the end of the map where no
+// path can match both one of its regular expressions and one of a route after it: both start with
+// '^' and text of which neither is a prefix of the other. Otherwise the map is replaced.
 func TestDiffOrderedRegexMap(t *testing.T) {
 	s := testSettings()
 	s.MapsDir, s.SpareBackends = "/run/dfp/maps", 2
@@ -257,7 +279,7 @@ func TestDiffOrderedRegexMap(t *testing.T) {
 	old := Render(s, base)
 	for _, tc := range []struct {
 		path string
-		ok   bool
+		ok   bool // its entry added at the end of the map (or set in place), else the map replaced
 	}{
 		// Paths of one length: e55 comes after e5, before e6 to e9.
 		{"^/q5/x", true},  // no path starts with /q5/x and /e6/x
@@ -268,8 +290,8 @@ func TestDiffOrderedRegexMap(t *testing.T) {
 		{"^/q|5x", false}, // an alternative need not start with /q
 	} {
 		d, ok := Diff(old, Render(s, append(slices.Clone(base), reg("e55", tc.path))))
-		if ok != tc.ok {
-			t.Errorf("a route with %q between others: Diff = %+v, %v; want %v", tc.path, d, ok, tc.ok)
+		if added := len(d.MapReplaces) == 0; !ok || added != tc.ok || !added && len(d.MapReplaces) != 1 {
+			t.Errorf("a route with %q between others: Diff = %+v, %v; want its entry added: %v, else the map replaced", tc.path, d, ok, tc.ok)
 		}
 	}
 	for re, want := range map[string]string{"^/api/v[0-9]": "/api/v", "^/ab?": "/a", "^/ab*c": "/a", "^/a+b": "/a",
@@ -701,8 +723,8 @@ func TestSteadyChangesDoNotPutTheReloadOffForEver(t *testing.T) {
 // route every request as a HAProxy that loads each config afresh does: two real HAProxy processes
 // serve the same tables and are compared request by request after every change. So for each path
 // type: path_beg, path_beg and path mixed (a map of exact paths and one of prefixes), and path_end,
-// path_dir and path_reg, whose maps are tried in order (the runtime API adds at the end only, the
-// other changes need a reload).
+// path_dir and path_reg, whose maps are tried in order (the runtime API adds an entry at the end
+// only: an entry that must come before others replaces the whole map, all at once).
 func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
@@ -711,9 +733,9 @@ func TestRuntimeChangesRouteAsAReloadDoes(t *testing.T) {
 	}{
 		{"path_beg", []route.PathType{route.PathBeg}, 10},
 		{"path_beg and path", []route.PathType{route.PathBeg, route.Path}, 10},
-		{"path_end", []route.PathType{route.PathEnd}, 3},
-		{"path_dir", []route.PathType{route.PathDir}, 3},
-		{"path_reg", []route.PathType{route.PathReg}, 3},
+		{"path_end", []route.PathType{route.PathEnd}, 8},
+		{"path_dir", []route.PathType{route.PathDir}, 8},
+		{"path_reg", []route.PathType{route.PathReg}, 8},
 	} {
 		t.Run(tc.name, func(t *testing.T) { runtimeChangesRouteAsAReloadDoes(t, tc.types, tc.minRuntime) })
 	}
@@ -917,4 +939,93 @@ func getHost(t *testing.T, port int, host, path string) (int, string) {
 		t.Fatalf("GET %s%s: %v", host, path, err)
 	}
 	return resp.StatusCode, string(body)
+}
+
+// A route whose entry must come before others in a map tried in order (path_dir here) is served
+// without a reload: the map is replaced, all at once, with entries enough for several payloads of
+// the runtime API. The new route wins where it comes first, every other route keeps its requests,
+// and requests to routes of the map all along are each answered by their own backend.
+func TestOrderedMapReplacedWithoutReload(t *testing.T) {
+	s, p := runtimeSetup(t, 2, time.Hour)
+	const n = 1200 // some 20 KB of map entries
+	filler := []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, "filler")}}
+	own := func(name string) []route.Instance {
+		return []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}
+	}
+	routes := map[string]route.Backend{}
+	add := func(name string, inst []route.Instance, path string) {
+		b := newRoute(name, inst, path)
+		b.Route.PathType = route.PathDir
+		routes[name] = b
+	}
+	for i := 0; i < n; i++ {
+		name, inst := fmt.Sprintf("d%04d", i), filler
+		if i == 5 || i == 600 || i == n-1 {
+			inst = own(name)
+		}
+		add(name, inst, "/"+name)
+	}
+	render := func() []byte { return Render(s, slices.Collect(maps.Values(routes))) }
+	ctx := ctxFor(t, 90*time.Second)
+	cfg := render()
+	if !strings.Contains(string(cfg), ",map_dir(") {
+		t.Fatal("the routes are not routed through a map_dir map")
+	}
+	startForTest(ctx, t, p, cfg)
+	loads := []*pathLoad{startPathLoad(t, s.HTTPPort, "/d0005/x", "d0005"),
+		startPathLoad(t, s.HTTPPort, "/a/d0600/longer", "d0600"), startPathLoad(t, s.HTTPPort, "/d1199", "d1199")}
+	reloads := showProc(t, p).Reloads
+
+	// A longer path comes first in routing order: the new route takes /first/of/all/d0600 from d0600.
+	add("new", own("new"), "/first/of/all")
+	cfg = render()
+	d, err := p.UpdateServers(ctx, cfg)
+	if err != nil {
+		t.Fatalf("UpdateServers with a path_dir route that comes first: %v", err)
+	}
+	if len(d.MapReplaces) != 1 || len(d.MapReplaces[0].Entries) != n+1 || d.MapReplaces[0].Entries[0].Key != "/first/of/all" {
+		t.Fatalf("UpdateServers = %+v; want the map replaced, the new route first", d)
+	}
+	if r := showProc(t, p).Reloads; r != reloads {
+		t.Fatalf("reloads %d -> %d: the route that comes first reloaded HAProxy", reloads, r)
+	}
+	for path, want := range map[string]string{"/first/of/all/d0600": "new", "/x/first/of/all": "new",
+		"/d0600/first/of": "d0600", "/d0005": "d0005", "/d1199/y": "d1199", "/d0001": "filler"} {
+		if got := bodiesOf(t, s.HTTPPort, path, 1); got[want] != 20 {
+			t.Errorf("%s answered %v, want %s", path, got, want)
+		}
+	}
+
+	// The route moves to the end of the order (a shorter path, and a name after the others): its
+	// entry is removed and added at the end, one by one.
+	add("new", routes["new"].Instances, "/n")
+	if d, err := p.UpdateServers(ctx, render()); err != nil || len(d.MapReplaces) != 0 || len(d.MapAdds) != 1 {
+		t.Fatalf("UpdateServers with the route's path changed = %+v, %v; want one entry added", d, err)
+	}
+	// Another route moves to the start of the order (a longer path): the map is replaced again.
+	add("d0600", routes["d0600"].Instances, "/d0600/longer")
+	if d, err := p.UpdateServers(ctx, render()); err != nil || len(d.MapReplaces) != 1 {
+		t.Fatalf("UpdateServers with d0600's path changed = %+v, %v; want the map replaced", d, err)
+	}
+	for path, want := range map[string]string{"/n/d0600/longer": "d0600", "/n/d0600": "new", "/first/of/all/d0001": "filler",
+		"/first/of/all/d0005": "d0005"} {
+		if got := bodiesOf(t, s.HTTPPort, path, 1); got[want] != 20 {
+			t.Errorf("after the path changes %s answered %v, want %s", path, got, want)
+		}
+	}
+	if r := showProc(t, p).Reloads; r != reloads {
+		t.Fatalf("reloads %d -> %d", reloads, r)
+	}
+	// The reload that gives the new route its own backend serves the same.
+	if err := p.Apply(ctx, render()); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	if got := bodiesOf(t, s.HTTPPort, "/n/d0600/longer", 1); got["d0600"] != 20 {
+		t.Errorf("after the reload /n/d0600/longer answered %v, want d0600", got)
+	}
+	for _, l := range loads {
+		if got := l.stop(); got < 10 {
+			t.Fatalf("only %d requests were sent during the test", got)
+		}
+	}
 }

@@ -60,6 +60,11 @@ type Delta struct {
 	MapSets []MapEntry
 	// MapDels are the entries removed from maps, named by the file the served config uses.
 	MapDels []MapEntry
+	// MapReplaces are the maps whose entries the runtime API replaces all at once (prepare map,
+	// add map to the new version, commit map): those that adding, setting and removing entries one
+	// by one would not make the new map (entries in another order, or an entry that must come
+	// before others in a map tried in order).
+	MapReplaces []MapReplace
 	// Removed are the backends of the served config that the new one no longer has.
 	Removed []string
 	// Renamed maps the new config's map files to the served config's ones they extend.
@@ -71,10 +76,17 @@ type MapEntry struct {
 	Map, Key, Backend string
 }
 
+// MapReplace is a map, named by the file the served config uses, and every entry of its new
+// version, in order.
+type MapReplace struct {
+	Map     string
+	Entries []MapEntry
+}
+
 // Empty reports whether the configs serve the same.
 func (d Delta) Empty() bool {
 	return len(d.Servers) == 0 && len(d.Backends) == 0 && len(d.MapAdds) == 0 && len(d.MapSets) == 0 &&
-		len(d.MapDels) == 0 && len(d.Removed) == 0
+		len(d.MapDels) == 0 && len(d.MapReplaces) == 0 && len(d.Removed) == 0
 }
 
 // Diff compares two configs as Render writes them. ok is true when new differs from old only in:
@@ -83,8 +95,11 @@ func (d Delta) Empty() bool {
 //     (HAProxy does not apply default-server settings, such as init-addr, to servers added at run time);
 //   - new backends whose body is a spare backend's (SpareBody) and whose servers are such lines, when
 //     old has spare backends;
-//   - entries added to maps, removed from them or given another backend, whose keys the runtime
-//     API can carry, the entries both have in the same order;
+//   - entries of maps added, removed or given another backend, whose keys and backends the
+//     runtime API can carry: one by one (MapAdds, MapSets, MapDels) when that gives the new map,
+//     whose entries both have come in the same order and, for a map whose entries are tried in
+//     order (map_end, map_dir, map_reg), whose entries added at its end answer as in their place
+//     (inOrder); else every entry of the map at once (MapReplaces);
 //   - backends removed, when no line of new uses them (so only the backends of routes of a map),
 //     spare backends aside.
 //
@@ -168,10 +183,17 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	for k, nm := range n.mapOrder {
 		om := o.mapOrder[k]
 		adds, sets, dels, ok := diffEntries(om, o.maps[om], n.maps[nm])
-		if match := n.ordered[nm]; !ok || match != "" && !inOrder(match, o.maps[om], n.maps[nm], adds, sets, dels) {
-			return Delta{}, false
+		match := n.ordered[nm]
+		switch {
+		case ok && (match == "" || inOrder(match, o.maps[om], n.maps[nm], adds, sets, dels)):
+			d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
+		default:
+			r, ok := replacement(om, n.maps[nm])
+			if !ok {
+				return Delta{}, false
+			}
+			d.MapReplaces = append(d.MapReplaces, r)
 		}
-		d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
 		if nm != om {
 			renames[nm] = om
 		}
@@ -190,12 +212,16 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 			}
 		}
 	}
-	if len(d.MapAdds) > 0 || len(d.MapSets) > 0 {
+	if len(d.MapAdds) > 0 || len(d.MapSets) > 0 || len(d.MapReplaces) > 0 {
 		names := make(map[string]bool, len(n.backends))
 		for _, b := range n.backends {
 			names[b.name] = true
 		}
-		for _, a := range append(slices.Clone(d.MapAdds), d.MapSets...) {
+		all := append(slices.Clone(d.MapAdds), d.MapSets...)
+		for _, r := range d.MapReplaces {
+			all = append(all, r.Entries...)
+		}
+		for _, a := range all {
 			if !names[a.Backend] {
 				return Delta{}, false
 			}
@@ -351,6 +377,20 @@ func diffEntries(m string, oe, ne []string) (adds, sets, dels []MapEntry, ok boo
 		adds = kept
 	}
 	return adds, sets, dels, true
+}
+
+// replacement is the MapReplace of the map served as m whose new entries are ne; ok is false when
+// a key or backend cannot be sent through the runtime API.
+func replacement(m string, ne []string) (r MapReplace, ok bool) {
+	r = MapReplace{Map: m, Entries: make([]MapEntry, 0, len(ne))}
+	for _, e := range ne {
+		key, be, ok := strings.Cut(e, " ")
+		if !ok || !runtimeKey(key) || !runtimeKey(be) {
+			return MapReplace{}, false
+		}
+		r.Entries = append(r.Entries, MapEntry{Map: m, Key: key, Backend: be})
+	}
+	return r, true
 }
 
 // inOrder reports whether the entries of a map whose entries are tried in order (oe, served) answer
@@ -789,6 +829,9 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 		err = p.changeMaps(ctx, sock, ov, "del map", delta.MapDels)
 	}
 	if err == nil {
+		err = replaceMaps(ctx, sock, ov, delta.MapReplaces)
+	}
+	if err == nil {
 		for newName, oldName := range delta.Renamed {
 			ov.maps[newName] = ov.mapFile(oldName)
 		}
@@ -812,6 +855,7 @@ func (p *Process) UpdateServers(ctx context.Context, cfg []byte) (Delta, error) 
 	p.mu.Unlock()
 	p.log.Info("haproxy changed without a reload", "servers_added", added, "servers_removed", removed,
 		"routes_added", len(delta.MapAdds), "map_entries_changed", len(delta.MapSets), "map_entries_removed", len(delta.MapDels),
+		"maps_replaced", len(delta.MapReplaces),
 		"backends_unused", ov.unused, "spares_free", len(ov.free), "duration", time.Since(t0).Round(time.Millisecond))
 	if len(delta.Backends) > 0 || len(delta.Removed) > 0 {
 		p.consolidateLater()
@@ -829,6 +873,73 @@ func (p *Process) changeMaps(ctx context.Context, sock string, ov overlay, verb 
 			cmd += " " + ov.backend(e.Backend)
 		}
 		if err := runtimeCmd(ctx, sock, cmd, ""); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mapPayloadMax bounds the entries sent in one `add map` command: HAProxy reads a command and its
+// payload into one buffer (tune.bufsize, 16 KB by default) and drops the connection when they do
+// not fit.
+const mapPayloadMax = 8 << 10
+
+// versionCreated is HAProxy's answer to `prepare map`.
+var versionCreated = regexp.MustCompile(`^New version created: (\d+)$`)
+
+// replaceMaps replaces every entry of each map, atomically for the requests: `prepare map` makes a
+// new version of the map that no lookup sees, `add map @<version>` fills it in order, a payload
+// of entries at a time, and `commit map` makes it the one that lookups see, in one step (the
+// entries of the older version go at once, and HAProxy's cache of lookups is dropped).
+func replaceMaps(ctx context.Context, sock string, ov overlay, rs []MapReplace) error {
+	for _, r := range rs {
+		file := ov.mapFile(r.Map)
+		cctx, cancel := context.WithTimeout(ctx, runtimeCmdTimeout)
+		out, err := Command(cctx, sock, "prepare map "+file)
+		cancel()
+		if err != nil {
+			return err
+		}
+		m := versionCreated.FindStringSubmatch(strings.TrimSpace(out))
+		if m == nil {
+			return fmt.Errorf("haproxy cli %q: %s", "prepare map "+file, strings.TrimSpace(out))
+		}
+		head := "add map @" + m[1] + " " + file + " <<\n"
+		var b strings.Builder
+		send := func() error {
+			if b.Len() == 0 {
+				return nil
+			}
+			// The line break that query adds ends the payload with an empty line.
+			cctx, cancel := context.WithTimeout(ctx, runtimeCmdTimeout)
+			defer cancel()
+			out, err := query(cctx, sock, head+b.String(), dialRetry)
+			switch {
+			case err != nil:
+			case out == "": // not even the empty line that ends every answer
+				err = errors.New("HAProxy closed the connection without an answer (a payload larger than tune.bufsize?)")
+			case strings.TrimSpace(out) != "":
+				err = errors.New(strings.TrimSpace(out))
+			}
+			if err != nil {
+				return fmt.Errorf("haproxy cli \"add map @%s %s\" (%d bytes of entries) on %s: %w", m[1], file, b.Len(), sock, err)
+			}
+			b.Reset()
+			return nil
+		}
+		for _, e := range r.Entries {
+			line := e.Key + " " + ov.backend(e.Backend) + "\n"
+			if len(head)+b.Len()+len(line) >= mapPayloadMax {
+				if err := send(); err != nil {
+					return err
+				}
+			}
+			b.WriteString(line)
+		}
+		if err := send(); err != nil {
+			return err
+		}
+		if err := runtimeCmd(ctx, sock, "commit map @"+m[1]+" "+file, ""); err != nil {
 			return err
 		}
 	}
