@@ -2,11 +2,19 @@ package haproxy
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"math/big"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -1028,4 +1036,78 @@ func TestOrderedMapReplacedWithoutReload(t *testing.T) {
 			t.Fatalf("only %d requests were sent during the test", got)
 		}
 	}
+}
+
+// The reload that gives routes served by spares their own backends loads the config served without
+// checking it again; when HAProxy refuses it all the same (here the certificate it names was
+// replaced by one that does not parse), the config served keeps serving, spares and all.
+func TestRefusedConsolidationKeepsServing(t *testing.T) {
+	s, p := runtimeSetup(t, 2, time.Hour)
+	s.CertsDir, s.HasCerts, s.HTTPSPort = filepath.Join(t.TempDir(), "certs"), true, testenv.FreePort(t)
+	pemFile := filepath.Join(s.CertsDir, "proxy.pem")
+	if err := os.MkdirAll(s.CertsDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(pemFile, selfSigned(t), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	routes := map[string]route.Backend{}
+	for i := 0; i < MinMapRoutes+1; i++ {
+		name := fmt.Sprintf("svc-%d", i)
+		routes[name] = newRoute(name, []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, name)}}, "/"+name)
+	}
+	render := func() []byte { return Render(s, slices.Collect(maps.Values(routes))) }
+	ctx := ctxFor(t, 60*time.Second)
+	startForTest(ctx, t, p, render())
+	routes["new"] = newRoute("new", []route.Instance{{Address: "127.0.0.1", Port: startBackend(t, "new")}}, "/new")
+	if _, err := p.UpdateServers(ctx, render()); err != nil {
+		t.Fatalf("UpdateServers with a new route: %v", err)
+	}
+	if err := os.WriteFile(pemFile, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	p.SetReloadHook(func(_ time.Duration, err error) { done <- err })
+	p.mu.Lock()
+	p.consolidateAfter = 100 * time.Millisecond
+	p.mu.Unlock()
+	p.consolidateLater()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrReloadFailed) {
+			t.Fatalf("the reload with a broken certificate = %v, want ErrReloadFailed", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no reload was tried")
+	}
+	for _, name := range []string{"new", "svc-3"} {
+		if got := bodiesOf(t, s.HTTPPort, "/"+name+"/x", 1); got[name] != 20 {
+			t.Fatalf("after the refused reload /%s/x answered %v, want %s", name, got, name)
+		}
+	}
+	if p.Settled() {
+		t.Fatal("Settled after a refused reload: the spare still serves the new route")
+	}
+}
+
+// selfSigned is a self-signed certificate for 127.0.0.1 and its key, in one PEM file.
+func selfSigned(t *testing.T) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
+	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})...)
 }

@@ -292,11 +292,12 @@ func (p *Process) apply(ctx context.Context, cfg []byte, force bool) error {
 		return fmt.Errorf("haproxy apply: %w", err)
 	}
 	defer release(p.applySem)
-	return p.applyHeld(ctx, cfg, force)
+	return p.applyHeld(ctx, cfg, force, false)
 }
 
-// applyHeld is apply with applySem held.
-func (p *Process) applyHeld(ctx context.Context, cfg []byte, force bool) error {
+// applyHeld is apply with applySem held; checked skips the check of cfg before the reload (the
+// config served already, each change that made it checked as it came).
+func (p *Process) applyHeld(ctx context.Context, cfg []byte, force, checked bool) error {
 	p.mu.Lock()
 	same := p.started && !p.uncertain && bytes.Equal(p.cfg, cfg)
 	p.mu.Unlock()
@@ -304,7 +305,7 @@ func (p *Process) applyHeld(ctx context.Context, cfg []byte, force bool) error {
 		return nil
 	}
 
-	if force || !p.justValidated(cfg) {
+	if !checked && (force || !p.justValidated(cfg)) {
 		if err := p.Validate(ctx, cfg); err != nil {
 			return fmt.Errorf("haproxy apply: %w", err)
 		}
