@@ -2,19 +2,11 @@ package haproxy
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	crand "crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
-	"math/big"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -1048,7 +1040,8 @@ func TestRefusedConsolidationKeepsServing(t *testing.T) {
 	if err := os.MkdirAll(s.CertsDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(pemFile, selfSigned(t), 0o600); err != nil {
+	full, _, _ := testenv.NewCert(t, "127.0.0.1")
+	if err := os.WriteFile(pemFile, full, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	routes := map[string]route.Backend{}
@@ -1088,26 +1081,4 @@ func TestRefusedConsolidationKeepsServing(t *testing.T) {
 	if p.Settled() {
 		t.Fatal("Settled after a refused reload: the spare still serves the new route")
 	}
-}
-
-// selfSigned is a self-signed certificate for 127.0.0.1 and its key, in one PEM file.
-func selfSigned(t *testing.T) []byte {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}}
-	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})...)
 }

@@ -183,11 +183,9 @@ func diffParsed(o, n *parsedConfig) (Delta, bool) {
 	for k, nm := range n.mapOrder {
 		om := o.mapOrder[k]
 		adds, sets, dels, ok := diffEntries(om, o.maps[om], n.maps[nm])
-		match := n.ordered[nm]
-		switch {
-		case ok && (match == "" || inOrder(match, o.maps[om], n.maps[nm], adds, sets, dels)):
+		if match := n.ordered[nm]; ok && (match == "" || inOrder(match, o.maps[om], n.maps[nm], adds, sets, dels)) {
 			d.MapAdds, d.MapSets, d.MapDels = append(d.MapAdds, adds...), append(d.MapSets, sets...), append(d.MapDels, dels...)
-		default:
+		} else {
 			r, ok := replacement(om, n.maps[nm])
 			if !ok {
 				return Delta{}, false
@@ -894,15 +892,13 @@ var versionCreated = regexp.MustCompile(`^New version created: (\d+)$`)
 func replaceMaps(ctx context.Context, sock string, ov overlay, rs []MapReplace) error {
 	for _, r := range rs {
 		file := ov.mapFile(r.Map)
-		cctx, cancel := context.WithTimeout(ctx, runtimeCmdTimeout)
-		out, err := Command(cctx, sock, "prepare map "+file)
-		cancel()
+		out, err := runtimeAnswer(ctx, sock, "prepare map "+file)
 		if err != nil {
 			return err
 		}
-		m := versionCreated.FindStringSubmatch(strings.TrimSpace(out))
+		m := versionCreated.FindStringSubmatch(out)
 		if m == nil {
-			return fmt.Errorf("haproxy cli %q: %s", "prepare map "+file, strings.TrimSpace(out))
+			return fmt.Errorf("haproxy cli %q: %s", "prepare map "+file, out)
 		}
 		head := "add map @" + m[1] + " " + file + " <<\n"
 		var b strings.Builder
@@ -1142,14 +1138,18 @@ func (p *Process) changeServers(ctx context.Context, sock string, changes []Serv
 
 // runtimeCmd sends cmd to the runtime API and checks that HAProxy answers want.
 func runtimeCmd(ctx context.Context, sock, cmd, want string) error {
+	got, err := runtimeAnswer(ctx, sock, cmd)
+	if err == nil && got != want {
+		err = fmt.Errorf("haproxy cli %q: %s", cmd, got)
+	}
+	return err
+}
+
+// runtimeAnswer sends cmd to the runtime API, within runtimeCmdTimeout, and returns HAProxy's
+// answer without the blank lines around it.
+func runtimeAnswer(ctx context.Context, sock, cmd string) (string, error) {
 	cctx, cancel := context.WithTimeout(ctx, runtimeCmdTimeout)
 	defer cancel()
 	out, err := Command(cctx, sock, cmd)
-	if err != nil {
-		return err
-	}
-	if got := strings.TrimSpace(out); got != want {
-		return fmt.Errorf("haproxy cli %q: %s", cmd, got)
-	}
-	return nil
+	return strings.TrimSpace(out), err
 }

@@ -2,16 +2,11 @@ package server
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -24,39 +19,8 @@ import (
 	"time"
 
 	"github.com/docker-flow-proxy/docker-flow-proxy/api"
+	"github.com/docker-flow-proxy/docker-flow-proxy/internal/testenv"
 )
-
-// newCert returns a self-signed ECDSA P-256 certificate for dnsName (an IP address or a DNS name)
-// as PEM, its chain and its key apart.
-func newCert(t *testing.T, dnsName string) (full, certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
-	tmpl := &x509.Certificate{
-		SerialNumber: serial, Subject: pkix.Name{CommonName: dnsName},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if ip := net.ParseIP(dnsName); ip != nil {
-		tmpl.IPAddresses = []net.IP{ip}
-	} else {
-		tmpl.DNSNames = []string{dnsName}
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	keyPEM = pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
-	return append(append([]byte{}, certPEM...), keyPEM...), certPEM, keyPEM
-}
 
 // certProxy is a server with a certificates folder and the address of its HTTPS port.
 type certProxy struct {
@@ -159,8 +123,8 @@ func TestPutCertIsServedAndChosenBySNI(t *testing.T) {
 	if names := p.certNames(t); len(names) != 0 {
 		t.Fatalf("certs: %v", names)
 	}
-	a, _, _ := newCert(t, "a.example.com")
-	b, _, _ := newCert(t, "b.example.com")
+	a, _, _ := testenv.NewCert(t, "a.example.com")
+	b, _, _ := testenv.NewCert(t, "b.example.com")
 	if code, r := p.putCert(t, "certName=a.example.com.pem", a); code != http.StatusOK || r.Status != api.StatusOK {
 		t.Fatalf("PUT a: %d %+v", code, r)
 	}
@@ -186,7 +150,7 @@ func TestPutCertIsServedAndChosenBySNI(t *testing.T) {
 		t.Fatalf("a.example.com.pem: %v %v, want mode 0600", fi, err)
 	}
 	// Replacing a certificate serves the new one.
-	a2, _, _ := newCert(t, "a.example.com")
+	a2, _, _ := testenv.NewCert(t, "a.example.com")
 	if code, r := p.putCert(t, "certName=a.example.com.pem", a2); code != http.StatusOK {
 		t.Fatalf("PUT a again: %d %+v", code, r)
 	}
@@ -216,12 +180,12 @@ func keysOf(m map[string]string) []string {
 func TestBadCertsAreRefusedAndChangeNothing(t *testing.T) {
 	e := newEnv(t)
 	p := e.startCertProxy("docker-flow")
-	good, certOnly, _ := newCert(t, "good.example.com")
+	good, certOnly, _ := testenv.NewCert(t, "good.example.com")
 	if code, r := p.putCert(t, "certName=good", good); code != http.StatusOK {
 		t.Fatalf("PUT good: %d %+v", code, r)
 	}
 	presents(t, p.https, "good.example.com")
-	_, _, otherKey := newCert(t, "other.example.com")
+	_, _, otherKey := testenv.NewCert(t, "other.example.com")
 	filesBefore, kvBefore, reloadsBefore := p.files(t), e.kvTree("docker-flow-certs/"), reloads(t, p.running)
 
 	for _, tc := range []struct {
@@ -274,7 +238,7 @@ func TestBadCertsAreRefusedAndChangeNothing(t *testing.T) {
 func TestANewReplicaServesTheCertificatesInKV(t *testing.T) {
 	e := newEnv(t)
 	first := e.startCertProxy("docker-flow")
-	c, _, _ := newCert(t, "shared.example.com")
+	c, _, _ := testenv.NewCert(t, "shared.example.com")
 	if code, r := first.putCert(t, "certName=shared.example.com", c); code != http.StatusOK {
 		t.Fatalf("PUT: %d %+v", code, r)
 	}
@@ -294,7 +258,7 @@ func TestServiceCertOnReconfigureIsStoredAndServed(t *testing.T) {
 	e := newEnv(t)
 	e.echo("shop", "shop")
 	p := e.startCertProxy("docker-flow")
-	c, _, _ := newCert(t, "shop.example.com")
+	c, _, _ := testenv.NewCert(t, "shop.example.com")
 	p.reconfigure(t, "serviceName=shop&servicePath=/shop&serviceCert="+url.QueryEscape(string(c)))
 	presents(t, p.https, "shop.example.com")
 	if kv := e.kvTree("docker-flow-certs/"); kv["docker-flow-certs/shop.pem"] != string(c) {
@@ -318,7 +282,7 @@ func TestRunningReplicasServeACertificatePutOnAnother(t *testing.T) {
 	first := e.startCertProxy("docker-flow")
 	second := e.startCertProxy("docker-flow")
 	other := e.startCertProxy("other")
-	c, _, _ := newCert(t, "live.example.com")
+	c, _, _ := testenv.NewCert(t, "live.example.com")
 	if code, r := first.putCert(t, "certName=live.example.com", c); code != http.StatusOK {
 		t.Fatalf("PUT: %d %+v", code, r)
 	}
@@ -327,7 +291,7 @@ func TestRunningReplicasServeACertificatePutOnAnother(t *testing.T) {
 		t.Fatalf("the second replica's folder holds %q", got)
 	}
 	// A replaced certificate is served again; another instance name is not touched.
-	c2, _, _ := newCert(t, "live.example.com")
+	c2, _, _ := testenv.NewCert(t, "live.example.com")
 	if code, r := second.putCert(t, "certName=live.example.com", c2); code != http.StatusOK {
 		t.Fatalf("PUT on the second: %d %+v", code, r)
 	}

@@ -131,7 +131,7 @@ func TestReqModeTCPPassesBytesOnItsPort(t *testing.T) {
 // name, registers it as an instance of service, and returns the certificate's pool.
 func (e *env) tlsBackend(service, name string) *x509.CertPool {
 	e.t.Helper()
-	_, certPEM, keyPEM := newCert(e.t, name)
+	_, certPEM, keyPEM := testenv.NewCert(e.t, name)
 	pair, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
 		e.t.Fatal(err)

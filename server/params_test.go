@@ -166,7 +166,7 @@ func (e *env) startTLSProxy(users string, withTLS bool) *tlsProxy {
 // dir, and returns a pool that trusts it.
 func writeCertificate(t *testing.T, dir string) *x509.CertPool {
 	t.Helper()
-	full, certPEM, _ := newCert(t, "127.0.0.1")
+	full, certPEM, _ := testenv.NewCert(t, "127.0.0.1")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
